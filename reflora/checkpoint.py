@@ -1,0 +1,204 @@
+"""Checkpoints and adapters in the files transformers and PEFT write. Safetensors and JSON only.
+
+* GPT-2: ``model.safetensors`` (+ ``config.json``) as ``GPT2LMHeadModel.save_pretrained`` writes them; the
+  tied ``lm_head.weight`` is absent, or equal to ``transformer.wte.weight`` if present.
+* LoRA: ``adapter_model.safetensors`` + ``adapter_config.json`` as ``PeftModel.save_pretrained`` writes them.
+  Keys drop the adapter name (``base_model.model.<module>.lora_A.weight``); with ``bias`` ``'all'`` or
+  ``'lora_only'`` the trained biases are saved too, a targeted module's as ``<module>.base_layer.bias``.
+
+Every write goes to a temporary file in the same folder and is renamed into place, so an interrupted save
+never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from reflora.config import ConfigError, GPT2Config, LoraConfig
+from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or adapter file is missing, malformed, or disagrees with its config."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.numpy.save_file`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file; a malformed or truncated file is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2
+# ----------------------------------------------------------------------------------------------
+
+
+def load_gpt2(path: str | Path, config: GPT2Config | None = None) -> tuple[dict[str, np.ndarray], GPT2Config]:
+    """Load ``model.safetensors`` from a file or a ``save_pretrained`` folder.
+
+    The config comes from ``config`` or else the folder's ``config.json``. Keys must be exactly the base keys
+    (an extra ``lm_head.weight`` is accepted only if it equals the tied ``transformer.wte.weight``).
+    """
+    path = Path(path)
+    folder, file = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
+    if config is None:
+        config = GPT2Config.from_dict(_read_json(folder / "config.json"))
+    tensors = read_safetensors(file)
+    head = tensors.pop("lm_head.weight", None)
+    expected = base_shapes(config)
+    missing = [k for k in expected if k not in tensors]
+    unknown = [k for k in tensors if k not in expected]
+    if missing or unknown:
+        raise CheckpointError(f"{file}: keys do not match GPT-2 {config}: missing {missing[:5]}, unexpected {unknown[:5]}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    if head is not None and not np.array_equal(head, tensors["transformer.wte.weight"]):
+        raise CheckpointError(f"{file}: lm_head.weight is not tied to transformer.wte.weight")
+    return {k: tensors[k] for k in expected}, config
+
+
+def save_gpt2(folder: str | Path, params: dict[str, np.ndarray], config: GPT2Config) -> None:
+    """Write ``model.safetensors`` and ``config.json`` as transformers does (tied head omitted)."""
+    folder = Path(folder)
+    hf_config = {**config.to_dict(), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True}  # fmt: skip
+    atomic_save_safetensors(folder / "model.safetensors", {k: params[k] for k in base_shapes(config)}, {"format": "pt"})
+    atomic_write_bytes(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters
+# ----------------------------------------------------------------------------------------------
+
+
+def _adapter_bias_file_key(key: str, targeted: set[str]) -> str:
+    module = key.removesuffix(".bias")
+    return f"{ADAPTER_PREFIX}{module}.base_layer.bias" if module in targeted else f"{ADAPTER_PREFIX}{key}"
+
+
+def save_adapter(
+    folder: str | Path,
+    adapter: dict[str, np.ndarray],
+    lora: LoraConfig,
+    config: GPT2Config,
+    biases: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT's format.
+
+    ``biases``: the trained base biases of the ``bias`` mode, under HF keys (required unless bias='none').
+    """
+    plan = plan_lora(config, lora)
+    shapes = adapter_shapes(plan)
+    _check_adapter_tensors(adapter, shapes, where="adapter")
+    tensors = {k: adapter[k] for k in shapes}
+    bias_keys = trainable_bias_keys(config, lora, plan)
+    if bias_keys:
+        if biases is None or any(k not in biases for k in bias_keys):
+            raise CheckpointError(f"bias={lora.bias!r} saves the trained biases: pass biases for {bias_keys[:3]}...")
+        for key in bias_keys:
+            tensors[_adapter_bias_file_key(key, set(plan))] = biases[key]
+    peft_config = {**lora.to_peft_dict(), "peft_type": "LORA", "task_type": None, "fan_in_fan_out": True,
+                   "inference_mode": True, "base_model_name_or_path": None}  # fmt: skip
+    if lora.qkv_slices is not None:
+        peft_config["qkv_slices"] = list(lora.qkv_slices)  # reflora-only: PEFT cannot load per-slice adapters
+    folder = Path(folder)
+    atomic_save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    atomic_write_bytes(folder / "adapter_config.json", (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_adapter(
+    folder: str | Path, config: GPT2Config
+) -> tuple[dict[str, np.ndarray], LoraConfig, dict[str, np.ndarray]]:
+    """Read a PEFT adapter folder: ``(adapter tensors, LoraConfig, trained biases under HF keys)``.
+
+    The tensors must be exactly those the config implies, with the implied shapes; otherwise the error names
+    the first disagreement (a missing key, an unexpected key, or a shape whose r or size is off).
+    """
+    folder = Path(folder)
+    try:
+        lora = LoraConfig.from_dict(_read_json(folder / "adapter_config.json"))
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder / 'adapter_config.json'}: {exc}") from None
+    tensors = read_safetensors(folder / "adapter_model.safetensors")
+    plan = plan_lora(config, lora)
+    shapes = adapter_shapes(plan)
+    bias_keys = trainable_bias_keys(config, lora, plan)
+    bias_file_keys = {_adapter_bias_file_key(k, set(plan)): k for k in bias_keys}
+    lora_tensors = {k: v for k, v in tensors.items() if k not in bias_file_keys}
+    _check_adapter_tensors(lora_tensors, shapes, where=str(folder / "adapter_model.safetensors"))
+    missing_bias = [k for k in bias_file_keys if k not in tensors]
+    if missing_bias:
+        raise CheckpointError(f"{folder}: bias={lora.bias!r} but the file lacks {missing_bias[:3]}")
+    biases = {hf_key: tensors[file_key] for file_key, hf_key in bias_file_keys.items()}
+    return {k: lora_tensors[k] for k in shapes}, lora, biases
+
+
+def _check_adapter_tensors(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], where: str) -> None:
+    missing = [k for k in shapes if k not in tensors]
+    unknown = [k for k in tensors if k not in shapes]
+    if missing or unknown:
+        raise CheckpointError(
+            f"{where}: tensors disagree with adapter_config.json: missing {missing[:3]}, unexpected {unknown[:3]}"
+        )
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(tensors[key].shape)}, but adapter_config.json implies {shape} "
+                "(check r, rank_pattern and target_modules)"
+            )

@@ -1,0 +1,280 @@
+"""Configurations, with the field names of Hugging Face's ``GPT2Config`` and PEFT's ``LoraConfig``.
+
+Both are plain frozen dataclasses. ``from_dict`` accepts exactly the JSON that transformers and PEFT
+write (``config.json``, ``adapter_config.json``): a field reflora implements is validated; a field it
+does not implement is accepted only at PEFT's / transformers' default value, and any other value is an
+error that names the field. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, unknown, or has a value reflora cannot honour."""
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """The GPT-2 hyper-parameters, as ``transformers.GPT2Config`` names them.
+
+    Defaults are GPT-2 small (124M). ``n_inner=None`` means ``4 * n_embd``.
+    HF's own dropouts (``resid_pdrop``, ``embd_pdrop``, ``attn_pdrop``) are not part of reflora's model:
+    the reference is GPT-2 with those dropouts off. LoRA's dropout is separate (see ``LoraConfig``).
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"gpt2.{name} must be a positive integer, got {value!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ConfigError(f"gpt2.n_inner must be a positive integer or null, got {self.n_inner!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"gpt2.n_embd ({self.n_embd}) must be divisible by gpt2.n_head ({self.n_head})")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"gpt2.layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if self.activation_function != "gelu_new":
+            raise ConfigError(
+                f"gpt2.activation_function={self.activation_function!r} is not supported; reflora implements 'gelu_new'"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPT2Config:
+        """Build from HF ``config.json`` fields. Fields that do not change the math are accepted and dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"gpt2 config must be a JSON object, got {type(data).__name__}")
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in own:
+                kwargs[key] = value
+            elif key in _GPT2_IGNORED_FIELDS:
+                continue
+            elif key in _GPT2_REQUIRED_DEFAULTS:
+                if value != _GPT2_REQUIRED_DEFAULTS[key]:
+                    raise ConfigError(
+                        f"gpt2.{key}={value!r} is not supported; reflora implements only "
+                        f"{key}={_GPT2_REQUIRED_DEFAULTS[key]!r}"
+                    )
+            else:
+                raise ConfigError(f"gpt2.{key} is not a GPT2Config field reflora knows")
+        return cls(**kwargs)
+
+
+# Fields of HF GPT2Config that never change the forward pass of the reference (dropouts are off,
+# generation and bookkeeping fields are irrelevant).
+_GPT2_IGNORED_FIELDS = frozenset(
+    {
+        "resid_pdrop", "embd_pdrop", "attn_pdrop", "initializer_range", "summary_type", "summary_use_proj",
+        "summary_activation", "summary_proj_to_labels", "summary_first_dropout", "use_cache", "bos_token_id",
+        "eos_token_id", "pad_token_id", "architectures", "model_type", "transformers_version", "torch_dtype",
+        "dtype", "task_specific_params", "n_ctx", "tie_word_embeddings", "_name_or_path", "output_attentions",
+        "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "is_decoder",
+    }
+)  # fmt: skip
+# Fields that change the math; reflora implements only their default value.
+_GPT2_REQUIRED_DEFAULTS: dict[str, Any] = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------
+
+BIAS_MODES = ("none", "all", "lora_only")
+QKV_SLICE_NAMES = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters with PEFT ``LoraConfig`` field names and defaults (PEFT 0.21).
+
+    ``target_modules``: a list (a module matches if its name equals an entry or ends with ``"." + entry``)
+    or a string (a regex, ``re.fullmatch`` against the module name). ``None`` is PEFT's "model default",
+    which for GPT-2 is ``["c_attn"]``.
+
+    reflora-only field: ``qkv_slices``, e.g. ``["q", "v"]``: on the fused ``c_attn``, put independent
+    rank-r adapters on those slices of the output only (loralib's ``MergedLinear(enable_lora=[T, F, T])``).
+    ``None`` (the default) is PEFT's full-matrix LoRA on ``c_attn``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: tuple[str, ...] | str | None = None
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    qkv_slices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.layers_to_transform, list):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        if isinstance(self.qkv_slices, list):
+            object.__setattr__(self, "qkv_slices", tuple(self.qkv_slices))
+        _check_rank("lora.r", self.r)
+        _check_number("lora.lora_alpha", self.lora_alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"lora.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        tm = self.target_modules
+        if tm is not None and not isinstance(tm, str):
+            if not isinstance(tm, tuple) or not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ConfigError(f"lora.target_modules must be a non-empty list of names or a regex, got {tm!r}")
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as exc:
+                raise ConfigError(f"lora.target_modules is not a valid regex ({exc}): {tm!r}") from None
+            if self.layers_to_transform is not None:
+                raise ConfigError("lora.layers_to_transform cannot be used when lora.target_modules is a regex string")
+            if self.layers_pattern is not None:
+                raise ConfigError("lora.layers_pattern cannot be used when lora.target_modules is a regex string")
+        ltt = self.layers_to_transform
+        if ltt is not None:
+            items = (ltt,) if isinstance(ltt, int) else ltt
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+                raise ConfigError(f"lora.layers_to_transform must be a layer index or a list of them, got {ltt!r}")
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ConfigError("lora.layers_pattern is set, so lora.layers_to_transform must be set too")
+            if self.layers_pattern != "h":
+                raise ConfigError(f"lora.layers_pattern={self.layers_pattern!r} matches no GPT-2 layer list; use 'h'")
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"lora.rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_number(f"lora.alpha_pattern[{key!r}]", value)
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ConfigError(f"lora.fan_in_fan_out must be true or false, got {self.fan_in_fan_out!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"lora.init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or 'gaussian'"
+            )
+        if self.qkv_slices is not None:
+            qs = self.qkv_slices
+            if not qs or len(set(qs)) != len(qs) or any(s not in QKV_SLICE_NAMES for s in qs):
+                raise ConfigError(f"lora.qkv_slices must be a non-empty subset of ['q', 'k', 'v'], got {list(qs)!r}")
+            object.__setattr__(self, "qkv_slices", tuple(s for s in QKV_SLICE_NAMES if s in qs))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA (PEFT ``LoraLayer.update_layer``)."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as JSON values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for key in ("target_modules", "layers_to_transform", "qkv_slices"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The fields PEFT's ``LoraConfig(**d)`` accepts (the reflora-only ``qkv_slices`` is left out)."""
+        out = self.to_dict()
+        del out["qkv_slices"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a spec's ``lora`` object or a PEFT ``adapter_config.json``.
+
+        A PEFT field that reflora does not implement must hold PEFT's default value (``None``, ``False``,
+        ``{}``...); anything else is an error naming the field.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"lora config must be a JSON object, got {type(data).__name__}")
+        own = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in own:
+                kwargs[key] = value
+            elif key in _PEFT_BOOKKEEPING_FIELDS:
+                if key == "peft_type" and value not in (None, "LORA"):
+                    raise ConfigError(f"lora.peft_type={value!r}: reflora reads LoRA adapters only")
+                continue
+            elif key in _PEFT_UNSUPPORTED_DEFAULTS:
+                if value != _PEFT_UNSUPPORTED_DEFAULTS[key] and not (value is None and key in _NONE_IS_DEFAULT):
+                    raise ConfigError(
+                        f"lora.{key}={value!r} is not supported by reflora (only the default "
+                        f"{_PEFT_UNSUPPORTED_DEFAULTS[key]!r} is)"
+                    )
+            else:
+                raise ConfigError(f"lora.{key} is not a LoraConfig field reflora knows")
+        if kwargs.get("rank_pattern") is None:
+            kwargs["rank_pattern"] = {}
+        if kwargs.get("alpha_pattern") is None:
+            kwargs["alpha_pattern"] = {}
+        return cls(**kwargs)
+
+
+# PEFT fields that do not change what LoRA computes.
+_PEFT_BOOKKEEPING_FIELDS = frozenset(
+    {
+        "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "megatron_core",
+    }
+)  # fmt: skip
+# PEFT fields for features reflora does not implement, with the default value PEFT writes.
+_PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "exclude_modules": None, "modules_to_save": None, "megatron_config": None, "trainable_token_indices": None,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+}  # fmt: skip
+_NONE_IS_DEFAULT = frozenset({"loftq_config", "use_dora", "use_qalora", "lora_bias", "ensure_weight_tying"})
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")

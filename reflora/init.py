@@ -1,0 +1,71 @@
+"""Seeded random weights: a GPT-2 base, LoRA adapters, dropout masks and token batches.
+
+Everything is drawn with NumPy's ``Generator(PCG64(seed))`` in float64 and then cast, so a seed gives the
+same numbers on every machine and backend. The base is not HF's init: biases and LayerNorm parameters are
+random too, so that a mistake in any of them shows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reflora.config import GPT2Config
+from reflora.targets import LoraModule, adapter_shapes, base_shapes
+
+LORA_INITS = ("test", True, False, "gaussian")
+
+
+def init_gpt2_params(config: GPT2Config, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Every base tensor under its HF key: weights N(0, 0.02²) (HF's ``initializer_range``), LayerNorm
+    weights 1 + N(0, 0.1²), all biases N(0, 0.02²)."""
+    params = {}
+    for key, shape in base_shapes(config).items():
+        if ".ln_" in key and key.endswith(".weight"):
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        params[key] = value.astype(dtype)
+    return params
+
+
+def init_lora_adapter(
+    plan: dict[str, LoraModule], rng: np.random.Generator, init: bool | str = "test", dtype=np.float64
+) -> dict[str, np.ndarray]:
+    """LoRA tensors under PEFT keys, A: (r, in), B: (out, r).
+
+    ``init``:
+      * ``"test"`` (reflora's, for fixtures): A ~ U(±1/√in) and B ~ U(±1/√r): B is never zero, so a
+        transposed, missing or mis-scaled delta cannot hide.
+      * ``True`` (PEFT's default): A ~ U(±1/√in) (kaiming-uniform with a = √5), B = 0.
+      * ``"gaussian"``: A ~ N(0, (1/r)²), B = 0.
+      * ``False``: A ~ U(±1/√in), B ~ U(±1/√r) (``nn.Linear``'s own init), the same law as ``"test"``.
+    """
+    if init not in LORA_INITS:
+        raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
+    adapter = {}
+    for key, (rows, cols) in adapter_shapes(plan).items():
+        if ".lora_A." in key:  # (r, in)
+            if init == "gaussian":
+                value = rng.normal(0.0, 1.0 / rows, size=(rows, cols))
+            else:
+                bound = 1.0 / math.sqrt(cols)
+                value = rng.uniform(-bound, bound, size=(rows, cols))
+        else:  # B: (out, r)
+            if init in ("test", False):
+                bound = 1.0 / math.sqrt(cols)
+                value = rng.uniform(-bound, bound, size=(rows, cols))
+            else:
+                value = np.zeros((rows, cols))
+        adapter[key] = value.astype(dtype)
+    return adapter
+
+
+def draw_dropout_masks(
+    plan: dict[str, LoraModule], p: float, batch: int, seq_len: int, rng: np.random.Generator, dtype=np.float64
+) -> dict[str, np.ndarray]:
+    """One keep-mask per targeted module, (B, T, in) of 0/1, each entry kept with probability 1 − p."""
+    return {
+        name: (rng.random((batch, seq_len, module.in_features)) >= p).astype(dtype) for name, module in plan.items()
+    }

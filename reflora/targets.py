@@ -1,0 +1,185 @@
+"""Which GPT-2 modules get LoRA, with what rank and scaling, and what the tensors are called.
+
+The rules are PEFT 0.21's (``tuners_utils.check_target_module_exists``, ``utils.other.get_pattern_key``),
+applied to the module names of transformers' ``GPT2LMHeadModel``:
+
+* ``target_modules`` as a list: a module matches if its name equals an entry or ends with ``"." + entry``.
+  So ``["c_attn", "c_proj"]`` matches ``attn.c_attn``, ``attn.c_proj`` *and* ``mlp.c_proj``.
+* ``target_modules`` as a string: ``re.fullmatch(target_modules, name)``.
+* ``layers_to_transform`` (list targets only): keep modules whose ``h.<i>`` index is listed.
+* ``rank_pattern`` / ``alpha_pattern``: the first key with ``re.match(rf"(.*\\.)?({key})$", name)`` wins.
+* A spec that matches no module, or a module reflora cannot adapt (only the four Conv1D kinds are LoRA
+  targets here), is an error.
+
+Adapter tensors are named as PEFT saves them: ``base_model.model.<module>.lora_A.weight`` with shape
+(r, in) and ``...lora_B.weight`` with shape (out, r). Per-slice q/k/v adapters (reflora's ``qkv_slices``)
+are ``...c_attn.lora_A.<slice>.weight`` (r, in) and ``...c_attn.lora_B.<slice>.weight`` (n_embd, r).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from reflora.config import ConfigError, GPT2Config, LoraConfig
+
+ADAPTER_PREFIX = "base_model.model."
+LORA_MODULE_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass(frozen=True)
+class LoraBranch:
+    """One low-rank branch: ``y[:, out_start:out_stop] += scaling * drop(x) @ A.T @ B.T``."""
+
+    a_key: str  # adapter key of A, shape (r, in_features)
+    b_key: str  # adapter key of B, shape (out_stop - out_start, r)
+    out_start: int
+    out_stop: int
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """A targeted Conv1D: its HF name, sizes, rank, alpha, scaling and branches."""
+
+    name: str  # e.g. "transformer.h.0.attn.c_attn"
+    layer: int
+    kind: str  # one of LORA_MODULE_KINDS
+    in_features: int
+    out_features: int
+    r: int
+    lora_alpha: float
+    scaling: float
+    branches: tuple[LoraBranch, ...]
+
+
+def module_names(config: GPT2Config) -> list[str]:
+    """Every module name of HF ``GPT2LMHeadModel`` (``named_modules()``, root excluded), in order."""
+    names = ["transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h"]
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}"
+        names += [h, f"{h}.ln_1", f"{h}.attn", f"{h}.attn.c_attn", f"{h}.attn.c_proj", f"{h}.attn.attn_dropout",
+                  f"{h}.attn.resid_dropout", f"{h}.ln_2", f"{h}.mlp", f"{h}.mlp.c_fc", f"{h}.mlp.c_proj",
+                  f"{h}.mlp.act", f"{h}.mlp.dropout"]  # fmt: skip
+    return names + ["transformer.ln_f", "lm_head"]
+
+
+def conv1d_shape(config: GPT2Config, kind: str) -> tuple[int, int]:
+    """(in_features, out_features) of a GPT-2 Conv1D kind; its weight has exactly this shape."""
+    c, inner = config.n_embd, config.inner_dim
+    return {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, inner), "mlp.c_proj": (inner, c)}[kind]
+
+
+def _target_matches(lora: LoraConfig, name: str) -> bool:
+    targets = lora.target_modules if lora.target_modules is not None else ("c_attn",)
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True  # PEFT: an exact name match skips the layers_to_transform filter
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    if lora.layers_to_transform is None:
+        return True
+    # PEFT's default layer regex takes the first "<something>.<digits>." component: h.<i>.
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    ltt = lora.layers_to_transform
+    return index == ltt if isinstance(ltt, int) else index in ltt
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
+    """Resolve a LoRA config against a GPT-2 into the targeted modules, in model order."""
+    matched = [n for n in module_names(config) if _target_matches(lora, n)]
+    if not matched:
+        raise ConfigError(f"lora.target_modules={_show(lora.target_modules)} matches no module of this GPT-2")
+    if isinstance(lora.layers_to_transform, (int, tuple)):
+        wanted = {lora.layers_to_transform} if isinstance(lora.layers_to_transform, int) else set(lora.layers_to_transform)
+        missing = sorted(i for i in wanted if i >= config.n_layer)
+        if missing:
+            raise ConfigError(f"lora.layers_to_transform names layers {missing}, but gpt2.n_layer is {config.n_layer}")
+    plan: dict[str, LoraModule] = {}
+    for name in matched:
+        parts = name.split(".")
+        kind = ".".join(parts[-2:])
+        if len(parts) != 5 or kind not in LORA_MODULE_KINDS:
+            raise ConfigError(
+                f"lora.target_modules={_show(lora.target_modules)} matches {name!r}, which is not a Conv1D "
+                f"that reflora can adapt (targets are {', '.join(LORA_MODULE_KINDS)})"
+            )
+        layer = int(parts[2])
+        in_f, out_f = conv1d_shape(config, kind)
+        r = _pattern_value(lora.rank_pattern, name, lora.r)
+        alpha = _pattern_value(lora.alpha_pattern, name, lora.lora_alpha)
+        prefix = ADAPTER_PREFIX + name
+        if kind == "attn.c_attn" and lora.qkv_slices is not None:
+            c = config.n_embd
+            offsets = {"q": 0, "k": c, "v": 2 * c}
+            branches = tuple(
+                LoraBranch(f"{prefix}.lora_A.{s}.weight", f"{prefix}.lora_B.{s}.weight", offsets[s], offsets[s] + c)
+                for s in lora.qkv_slices
+            )
+        else:
+            branches = (LoraBranch(f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", 0, out_f),)
+        plan[name] = LoraModule(name, layer, kind, in_f, out_f, r, alpha, lora.scaling(r, alpha), branches)
+    return plan
+
+
+def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, int]]:
+    """Adapter key -> shape, in model order: A is (r, in), B is (out of its slice, r)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for module in plan.values():
+        for branch in module.branches:
+            shapes[branch.a_key] = (module.r, module.in_features)
+            shapes[branch.b_key] = (branch.out_stop - branch.out_start, module.r)
+    return shapes
+
+
+def trainable_bias_keys(config: GPT2Config, lora: LoraConfig, plan: dict[str, LoraModule]) -> list[str]:
+    """Base-model bias keys that PEFT's ``bias`` mode makes trainable.
+
+    ``'none'``: none. ``'all'``: every ``*.bias`` of the model (LayerNorms and ``ln_f`` included).
+    ``'lora_only'``: the biases of the targeted modules only.
+    """
+    if lora.bias == "none":
+        return []
+    if lora.bias == "lora_only":
+        return [f"{name}.bias" for name in plan]
+    return [key for key in base_shapes(config) if key.endswith(".bias")]
+
+
+def base_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every base parameter under its HF ``model.safetensors`` key (tied ``lm_head`` omitted), in order."""
+    c = config.n_embd
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (config.vocab_size, c),
+        "transformer.wpe.weight": (config.n_positions, c),
+    }
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}"
+        shapes[f"{h}.ln_1.weight"] = (c,)
+        shapes[f"{h}.ln_1.bias"] = (c,)
+        for kind in LORA_MODULE_KINDS[:2]:
+            in_f, out_f = conv1d_shape(config, kind)
+            shapes[f"{h}.{kind}.weight"] = (in_f, out_f)
+            shapes[f"{h}.{kind}.bias"] = (out_f,)
+        shapes[f"{h}.ln_2.weight"] = (c,)
+        shapes[f"{h}.ln_2.bias"] = (c,)
+        for kind in LORA_MODULE_KINDS[2:]:
+            in_f, out_f = conv1d_shape(config, kind)
+            shapes[f"{h}.{kind}.weight"] = (in_f, out_f)
+            shapes[f"{h}.{kind}.bias"] = (out_f,)
+    shapes["transformer.ln_f.weight"] = (c,)
+    shapes["transformer.ln_f.bias"] = (c,)
+    return shapes
+
+
+def _show(targets) -> str:
+    return repr(list(targets)) if isinstance(targets, tuple) else repr(targets)
