@@ -1,1 +1,218 @@
-"""pytest plugin placeholder (filled by the conformance suite)."""
+"""The pytest plugin of the conformance suite (entry point ``reflora_conformance``).
+
+    pytest conformance --candidate peft [--profile ci] [--report-json report.json] [--junitxml junit.xml]
+
+It adds the suite's options, starts the candidate's driver for the session, prints every setting in the report
+header, turns failures that a known deviation explains into "known deviation" (xfail), prints the table and
+the score at the end and writes the JSON report. It does nothing unless conformance tests are collected; if they
+are and no candidate is given, the run stops with a usage error (it never runs nothing and passes).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.suite import NOT_SUPPORTED, CandidateBroke, ConformanceFailure, Suite, default_golden_dir
+
+SUITE = pytest.StashKey[Suite]()
+TEST_ID = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("reflora conformance", "reflora conformance suite (pytest conformance --candidate ...)")
+    group.addoption("--candidate", dest="conformance_candidate", metavar="NAME|MODULE:OBJECT",
+                    help="the LoRA library under test: a shipped driver name or package.module:object")
+    group.addoption("--profile", dest="conformance_profile", choices=["ci", "dev", "thorough"], default=None,
+                    help="hypothesis profile (default: ci when $CI is set, else dev)")
+    group.addoption("--max-examples", dest="conformance_max_examples", type=int, default=None, metavar="N",
+                    help="examples per feature, overriding the profile")
+    group.addoption("--isolation", dest="conformance_isolation", choices=["subprocess", "none"], default="subprocess",
+                    help="run the candidate in a worker process (default; survives crashes and hangs) or in-process")
+    group.addoption("--candidate-timeout", dest="conformance_timeout", type=float, default=120.0, metavar="S",
+                    help="seconds one driver call may take before the candidate counts as hung (default 120)")
+    group.addoption("--deviations", dest="conformance_deviations", default=None, metavar="PATH",
+                    help="known-deviations JSON (default: the driver's own)")
+    group.addoption("--report-json", dest="conformance_report_json", default=None, metavar="PATH",
+                    help="write the machine-readable report (schema in docs/conformance.md)")
+    group.addoption("--golden-dir", dest="conformance_golden_dir", default=default_golden_dir(), metavar="DIR",
+                    help="golden fixtures to replay (default: golden/ of a source checkout)")  # fmt: skip
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "conformance: a test of the reflora conformance suite (needs --candidate)")
+    candidate = config.getoption("conformance_candidate")
+    if candidate:
+        from conformance.profiles import default_profile
+
+        config.stash[SUITE] = Suite(
+            candidate=candidate,
+            profile=config.getoption("conformance_profile") or default_profile(),
+            isolation=config.getoption("conformance_isolation"),
+            timeout=config.getoption("conformance_timeout"),
+            max_examples=config.getoption("conformance_max_examples"),
+            deviations_path=config.getoption("conformance_deviations"),
+            golden_dir=config.getoption("conformance_golden_dir"),
+        )
+
+
+def pytest_sessionstart(session) -> None:
+    suite = session.config.stash.get(SUITE, None)
+    if suite is None:
+        return
+    from conformance.deviations import DeviationsError
+    from conformance.runner import CandidateError, DriverLoadError
+
+    try:
+        suite.start()
+    except (DriverLoadError, DeviationsError, CandidateError) as exc:
+        raise pytest.UsageError(f"reflora conformance: {exc}") from None
+
+
+def pytest_unconfigure(config) -> None:
+    suite = config.stash.get(SUITE, None)
+    if suite is not None:
+        suite.close()
+
+
+def pytest_report_header(config) -> list[str]:
+    suite = config.stash.get(SUITE, None)
+    if suite is None or not hasattr(suite, "info"):
+        return []
+    import platform
+
+    import numpy
+
+    from reflora import __version__
+
+    info, settings = suite.info, suite.settings_summary()
+    caps = [k for k, v in info["capabilities"].items() if v and k != "notes"]
+    return [
+        f"reflora conformance: candidate {info['name']} (--candidate {suite.candidate})",
+        "  versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + f"; reflora {__version__}, numpy {numpy.__version__}, python {platform.python_version()}",
+        "  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "tolerance"),
+        "  tolerance: " + ", ".join(f"{k}={v}" for k, v in settings["tolerance"].items()),
+        f"  deviations: {len(suite.deviations)} known, from {suite.deviations_path}",
+        "  capabilities: " + ", ".join(caps),
+    ]
+
+
+def _test_id(item) -> str | None:
+    if item.get_closest_marker("conformance") is None:
+        return None
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "feature" in params:
+        return params["feature"].id
+    if "golden_fixture" in params:
+        fixture = params["golden_fixture"]
+        return "golden.replay" if fixture is None else f"golden.replay.{fixture[0]}"
+    return item.name
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    ids = {}
+    for item in items:
+        test_id = _test_id(item)
+        if test_id is not None:
+            item.stash[TEST_ID] = test_id
+            ids[test_id] = item
+    if not ids:
+        return
+    suite = config.stash.get(SUITE, None)
+    if suite is None:
+        from conformance.runner import shipped_drivers
+
+        raise pytest.UsageError(
+            "reflora conformance: no candidate given. Name one with --candidate NAME (shipped: "
+            f"{', '.join(shipped_drivers())}) or --candidate package.module:object (your own driver)."
+        )
+    from conformance.suite import feature_of
+
+    for test_id, item in ids.items():
+        suite.record(test_id, feature_of(test_id).id, item.nodeid)
+
+
+@pytest.fixture(scope="session")
+def conformance_suite(request) -> Suite:
+    suite = request.config.stash.get(SUITE, None)
+    if suite is None:
+        raise pytest.UsageError("reflora conformance: no candidate given (--candidate)")
+    return suite
+
+
+@pytest.fixture
+def conformance_record(request, conformance_suite):
+    test_id = request.node.stash[TEST_ID]
+    return conformance_suite.records[test_id]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    suite = item.config.stash.get(SUITE, None)
+    test_id = item.stash.get(TEST_ID, None)
+    if suite is None or test_id is None:
+        return report
+    record = suite.records[test_id]
+    if call.excinfo is not None and isinstance(call.excinfo.value, (ConformanceFailure, CandidateBroke)):
+        notes = getattr(call.excinfo.value, "__notes__", [])
+        report.longrepr = "\n".join([str(call.excinfo.value), *notes])
+    if report.when == "setup" and report.failed:
+        record.outcome, record.reason = "error", str(report.longrepr)[-2000:]
+    elif report.when == "setup" and report.skipped:
+        record.outcome, record.reason = "skipped", _skip_reason(report)
+    elif report.when == "call":
+        record.duration = report.duration
+        deviation = suite.deviation_for(test_id)
+        record.deviation = deviation
+        if report.failed:
+            if record.failure is None:
+                record.failure = str(report.longrepr)[-4000:]
+            if deviation is not None:
+                report.outcome = "skipped"
+                report.wasxfail = f"known deviation {deviation.id}: {deviation.reason}"
+                record.outcome, record.reason = "known_deviation", deviation.reason
+            else:
+                record.outcome = "failed"
+        elif report.skipped:
+            reason = _skip_reason(report)
+            if reason.startswith(NOT_SUPPORTED):
+                record.outcome, record.reason = "not_supported", reason[len(NOT_SUPPORTED) :]
+            else:
+                record.outcome, record.reason = "skipped", reason
+        else:
+            record.outcome = "passed"
+    return report
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    suite = config.stash.get(SUITE, None)
+    if suite is None or not suite.records:
+        return
+    from conformance.report import build_report, render_text
+
+    report = build_report(suite)
+    terminalreporter.write_sep("=", "reflora conformance")
+    terminalreporter.write(render_text(report, width=terminalreporter._tw.fullwidth))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus) -> None:
+    suite = session.config.stash.get(SUITE, None)
+    if suite is None or not suite.records:
+        return
+    from conformance.report import build_report, write_json
+
+    report = build_report(suite)
+    path = session.config.getoption("conformance_report_json")
+    if path:
+        write_json(report, path)
+    if exitstatus == 0 and report["summary"]["checked"] == 0:
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED  # nothing was checked: never a silent pass

@@ -15,11 +15,27 @@ Names used in results:
   ``"weight"`` in the case's layout.
 * model level: ``"logits"`` (B, T, V), ``"loss"`` (0-d) and gradients under reflora keys (PEFT adapter keys
   such as ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight``; HF base keys for biases).
+
+How the suite finds a driver (``--candidate``):
+
+* ``NAME``: a driver shipped with reflora, the module ``conformance.drivers.NAME``. Its attribute ``driver``
+  is used if it has one, else the module itself (a module can be a driver).
+* ``package.module:object``: a driver the user wrote, importable with no change to reflora. ``object`` may
+  be a driver instance, a module, a class or a function taking no arguments that returns a driver.
+
+Optional attributes a driver may add (the suite uses them when present):
+
+* ``deviations``: path of its expected-deviations JSON (default for shipped drivers:
+  ``conformance/deviations/<name>.json``; see docs/conformance.md).
+* ``model_switch_adapters(case)``: see ``Driver`` below; needs ``Capabilities.adapter_switching``.
+
+Every array a driver returns may be in any float dtype; the suite converts it to float64 itself. A driver runs
+in a worker process by default (crash isolation), so it must not rely on state kept between calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +69,7 @@ class Capabilities:
     padding: bool = False  # attention_mask with padding
     merge: bool = False  # layer level: merge / unmerge
     adapter_files: bool = False  # model level: write/read PEFT-format adapter files
+    adapter_switching: bool = False  # model level: hold two adapters and switch the active one
     notes: dict[str, str] = field(default_factory=dict)  # capability name -> why missing / how mapped
 
 
@@ -98,6 +115,11 @@ class ModelCase:
     dlogits: np.ndarray | None = None  # (B, T, V) upstream gradient when labels is None
     dtype: str = "float64"
     seed: int = 0
+    # adapter files with bias 'all' / 'lora_only' carry trained biases (HF keys); None: the base's own biases
+    trained_biases: dict[str, np.ndarray] | None = None
+    # adapter switching: a second adapter (its own config and tensors) the driver loads next to the first
+    second_lora: LoraConfig | None = None
+    second_adapter: dict[str, np.ndarray] | None = None
 
 
 @runtime_checkable
@@ -137,6 +159,16 @@ class Driver(Protocol):
         weights, and return eval-mode logits for the case's inputs."""
         ...
 
+    def model_switch_adapters(self, case: ModelCase) -> dict[str, np.ndarray]:
+        """Load ``case.adapter`` (config ``case.lora``) as the first adapter and ``case.second_adapter``
+        (config ``case.second_lora``) as a second one, then return eval-mode logits with the first active
+        (``"first"``), after switching to the second (``"second"``), and after switching back
+        (``"first_again"``)."""
+        ...
+
 
 class NotSupported(Exception):
     """Raised by a driver for a feature its library lacks; the test is reported as not supported."""
+
+
+CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities) if f.name != "notes")

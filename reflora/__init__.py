@@ -8,35 +8,73 @@ Public API (stable):
 * weights: ``init_gpt2_params``, ``init_lora_adapter``, ``draw_dropout_masks``
 * files: ``load_gpt2``, ``save_gpt2``, ``load_adapter``, ``save_adapter``, ``CheckpointError``
 * ops: ``reflora.ops`` (every ``<op>_forward`` / ``<op>_backward`` pair)
+* advanced LoRA (docs/advanced-semantics.md): ``merge_adapter``, ``merge_adapters``, ``unmerge_adapter``,
+  ``unmerge_adapters``, ``merge_and_unload``, ``MergeRecord``, ``MergeError`` (reflora.merge);
+  ``init_adapter``, ``init_lora_module``, ``residual_base`` (reflora.lora_init); ``add_weighted_adapter``
+  (reflora.weighted); ``qualified_key``, ``BASE_ADAPTER`` (reflora.adapters), ``adapter_trainable_keys``
+  (reflora.model); DoRA is ``LoraConfig(use_dora=True)``
 """
 
 from reflora._version import __version__
+from reflora.adapters import BASE_ADAPTER, qualified_key
 from reflora.checkpoint import CheckpointError, load_adapter, load_gpt2, save_adapter, save_gpt2
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.init import draw_dropout_masks, init_gpt2_params, init_lora_adapter
-from reflora.model import InputError, gpt2_backward, gpt2_forward, gpt2_loss_and_grads, trainable_keys
+from reflora.lora_init import init_adapter, init_lora_module, residual_base
+from reflora.merge import (
+    MergeError,
+    MergeRecord,
+    merge_adapter,
+    merge_adapters,
+    merge_and_unload,
+    unmerge_adapter,
+    unmerge_adapters,
+)
+from reflora.model import (
+    InputError,
+    adapter_trainable_keys,
+    gpt2_backward,
+    gpt2_forward,
+    gpt2_loss_and_grads,
+    trainable_keys,
+)
 from reflora.targets import adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
+from reflora.weighted import add_weighted_adapter
 
 __all__ = [
+    "BASE_ADAPTER",
     "CheckpointError",
     "ConfigError",
     "GPT2Config",
     "InputError",
     "LoraConfig",
+    "MergeError",
+    "MergeRecord",
     "__version__",
     "adapter_shapes",
+    "adapter_trainable_keys",
+    "add_weighted_adapter",
     "base_shapes",
     "draw_dropout_masks",
     "gpt2_backward",
     "gpt2_forward",
     "gpt2_loss_and_grads",
+    "init_adapter",
     "init_gpt2_params",
     "init_lora_adapter",
+    "init_lora_module",
     "load_adapter",
     "load_gpt2",
+    "merge_adapter",
+    "merge_adapters",
+    "merge_and_unload",
     "plan_lora",
+    "qualified_key",
+    "residual_base",
     "save_adapter",
     "save_gpt2",
     "trainable_bias_keys",
     "trainable_keys",
+    "unmerge_adapter",
+    "unmerge_adapters",
 ]

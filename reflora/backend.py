@@ -2,12 +2,22 @@
 
 Every op takes its namespace from its arrays (``x.__array_namespace__()``), never from a global, so the
 same function runs on NumPy arrays on the CPU, CuPy arrays on the GPU, and ``array_api_strict`` arrays in
-the tests (which proves the code uses nothing outside the standard). Only two helpers below step outside
-the standard, and each says why.
+the tests (which proves the code uses nothing outside the standard). Three helpers below step outside
+the standard (``to_numpy``, ``scatter_add_rows``, ``add_at_columns``), and each says why. CuPy arrays do not
+carry the standard's ``__array_namespace__``, so ``namespace`` gives them array-api-compat's CuPy wrapper.
+
+``for_each_row_block`` is the one concession to speed on the CPU: big elementwise passes (the softmax over
+the vocabulary, GELU, the attention softmax) go through their rows in blocks that fit in a core's L2 cache,
+on as many threads as the BLAS uses, so that a chain of NumPy operations reads main memory once and no core
+idles between two matrix products.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 Array = Any  # an array of some array-API namespace
@@ -15,10 +25,37 @@ Array = Any  # an array of some array-API namespace
 
 def namespace(*arrays: Array):
     """The array namespace shared by ``arrays`` (``None`` entries are skipped)."""
-    spaces = {id(a.__array_namespace__()): a.__array_namespace__() for a in arrays if a is not None}
+    spaces = {}
+    for array in arrays:
+        if array is not None:
+            xp = _namespace_of(array)
+            spaces[id(xp)] = xp
     if len(spaces) != 1:
         raise TypeError(f"expected arrays of one array namespace, got {len(spaces)} namespaces")
     return next(iter(spaces.values()))
+
+
+def _namespace_of(array: Array):
+    get_namespace = getattr(array, "__array_namespace__", None)
+    xp = get_namespace() if get_namespace is not None else None
+    if xp is None or getattr(xp, "__name__", "") == "cupy":
+        if not type(array).__module__.startswith("cupy"):
+            raise TypeError(f"{type(array).__name__} is not an array-API array: it has no __array_namespace__")
+        # CuPy's own namespace lacks parts of the standard (vecdot, matrix_transpose, ...): use its
+        # standard wrapper, which hands back plain CuPy arrays.
+        try:
+            from array_api_compat import cupy as xp
+        except ImportError as exc:  # pragma: no cover - needs CuPy
+            raise RuntimeError(
+                "CuPy arrays need array-api-compat: pip install 'reflora[gpu]' array-api-compat"
+            ) from exc
+    return xp
+
+
+def library(xp) -> str:
+    """The array library under a namespace: ``"numpy"``, ``"cupy"`` (also through array-api-compat), or the
+    namespace's own name (``"array_api_strict"``)."""
+    return getattr(xp, "__name__", "").rsplit(".", 1)[-1]
 
 
 def get_backend(name: str):
@@ -59,6 +96,70 @@ def to_numpy(array: Array):
         return numpy.asarray(array)
 
 
+# Bytes of one row block: half of a 2 MiB per-core L2 cache, leaving room for the block's temporaries.
+BLOCK_BYTES = 1 << 20
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool), made on first use
+
+
+def num_threads() -> int:
+    """Threads for ``for_each_row_block`` on NumPy: ``REFLORA_NUM_THREADS``, else ``OMP_NUM_THREADS``, else
+    ``OPENBLAS_NUM_THREADS`` (the BLAS's own count), else the CPUs this process may run on."""
+    for name in ("REFLORA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def row_blocks(x: Array, threads: int = 1) -> list[slice]:
+    """Slices that cover the rows (first axis) of ``x`` in equal blocks of at most about ``BLOCK_BYTES``
+    (at least one row each), as many as a multiple of ``threads``. One block on any namespace but NumPy."""
+    n_rows = x.shape[0]
+    if library(namespace(x)) != "numpy" or n_rows == 0:
+        return [slice(0, n_rows)]
+    total_bytes = math.prod(x.shape) * x.dtype.itemsize
+    n_blocks = -(-max(1, total_bytes // BLOCK_BYTES) // threads) * threads  # rounded up to a multiple
+    n_blocks = min(n_rows, n_blocks)
+    return [slice(n_rows * i // n_blocks, n_rows * (i + 1) // n_blocks) for i in range(n_blocks)]
+
+
+def for_each_row_block(work: Callable[[slice], None], x: Array) -> None:
+    """Call ``work(rows)`` for every block of ``row_blocks(x)``; each call must touch only its own rows.
+
+    The one concession to speed on the CPU. NumPy runs each elementwise operation over a whole array, one
+    core, one trip to memory per operation; ``work`` runs a chain of operations on a block that stays in
+    cache, and the blocks run on ``num_threads()`` threads (NumPy releases the GIL inside its loops), as
+    torch runs its elementwise kernels. A GPU wants few, large kernels: there, and on any other namespace,
+    ``work`` runs once over all rows. The results do not depend on the blocking: each row is computed alone.
+    """
+    global _POOL
+    threads = num_threads() if library(namespace(x)) == "numpy" else 1
+    blocks = row_blocks(x, threads)
+    if threads == 1 or len(blocks) == 1:
+        for rows in blocks:
+            work(rows)
+        return
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != threads:  # new after a fork or a change
+        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="reflora"))
+    for done in _POOL[2].map(work, blocks):  # re-raises the first exception of any block
+        del done
+
+
+def add_at_columns(xp, array: Array, columns: Array, values: Array) -> Array:
+    """``array[n, columns[n]] += values[n]`` for every row n, in place; returns ``array``.
+
+    array: (N, M); columns: (N,) int; values: (N,). One element per row (a one-hot update, as in the
+    cross-entropy gradient). NumPy and CuPy index it directly (N element updates); the array API standard has
+    no scatter, so elsewhere the update is the exact one-hot product, O(N·M).
+    """
+    if library(xp) in ("numpy", "cupy"):
+        array[xp.arange(array.shape[0]), columns] += values
+    else:
+        onehot = xp.astype(columns[:, None] == xp.arange(array.shape[1])[None, :], array.dtype)  # (N, M)
+        array += onehot * values[:, None]
+    return array
+
+
 def scatter_add_rows(xp, num_rows: int, index: Array, values: Array) -> Array:
     """``out[index[n], :] += values[n, :]`` for every n, on a zero (num_rows, C) array.
 
@@ -68,10 +169,9 @@ def scatter_add_rows(xp, num_rows: int, index: Array, values: Array) -> Array:
     index: (N,) int; values: (N, C) -> (num_rows, C)
     """
     out = xp.zeros((num_rows, values.shape[1]), dtype=values.dtype)
-    name = getattr(xp, "__name__", "")
-    if name == "numpy":
+    if library(xp) == "numpy":
         xp.add.at(out, index, values)
-    elif name == "cupy":  # pragma: no cover - needs a GPU
+    elif library(xp) == "cupy":  # pragma: no cover - needs a GPU
         import cupyx
 
         cupyx.scatter_add(out, index, values)

@@ -6,21 +6,23 @@
   Keys drop the adapter name (``base_model.model.<module>.lora_A.weight``); with ``bias`` ``'all'`` or
   ``'lora_only'`` the trained biases are saved too, a targeted module's as ``<module>.base_layer.bias``.
 
-Every write goes to a temporary file in the same folder and is renamed into place, so an interrupted save
-never leaves a partial file.
+Every write goes to temporary files in the same folder, which are renamed into place only once all of a
+save's files are complete, so an interrupted save never leaves a partial file or a mismatched pair.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
@@ -30,34 +32,68 @@ class CheckpointError(ValueError):
     """A checkpoint or adapter file is missing, malformed, or disagrees with its config."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files as one unit: every file goes to a temporary file in its folder first, and only
+    when all of them are fully written (and fsynced) are they renamed into place. A failure before the
+    renames leaves every old file untouched and no temporary behind."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saved file gets the usual permissions
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_files({Path(path): data})
+
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                       "uint8": "U8", "bool": "BOOL"}  # fmt: skip
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file, canonical: tensors sorted by name and stored in that order, metadata
+    sorted by key, compact JSON header padded with spaces to a multiple of 8. The same tensors and metadata
+    always give the same bytes (``safetensors.numpy.save`` orders the metadata at random)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name], order="C")
+        if array.dtype.name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, not one of {list(_SAFETENSORS_DTYPES)}")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}  # fmt: skip
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.numpy.save_file`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A safetensors file written through a temporary file and a rename."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -118,8 +154,9 @@ def save_gpt2(folder: str | Path, params: dict[str, np.ndarray], config: GPT2Con
     folder = Path(folder)
     hf_config = {**config.to_dict(), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True}  # fmt: skip
-    atomic_save_safetensors(folder / "model.safetensors", {k: params[k] for k in base_shapes(config)}, {"format": "pt"})
-    atomic_write_bytes(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+    weights = safetensors_bytes({k: params[k] for k in base_shapes(config)}, {"format": "pt"})
+    atomic_write_files({folder / "model.safetensors": weights,
+                        folder / "config.json": (json.dumps(hf_config, indent=2) + "\n").encode()})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +195,10 @@ def save_adapter(
     if lora.qkv_slices is not None:
         peft_config["qkv_slices"] = list(lora.qkv_slices)  # reflora-only: PEFT cannot load per-slice adapters
     folder = Path(folder)
-    atomic_save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
-    atomic_write_bytes(folder / "adapter_config.json", (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_files({
+        folder / "adapter_model.safetensors": safetensors_bytes(tensors, {"format": "pt"}),
+        folder / "adapter_config.json": (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode(),
+    })  # fmt: skip
 
 
 def load_adapter(

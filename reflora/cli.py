@@ -2,6 +2,7 @@
 
 * ``reflora inspect``: parameter counts and LoRA tensor shapes from shapes alone (``reflora.inspect``)
 * ``reflora golden``: generate and verify golden fixtures (``reflora.golden``)
+* ``reflora merge``: merge adapters into a GPT-2 checkpoint (``reflora.merge``)
 * ``reflora conform``: run the conformance suite against a candidate library (``conformance.cli``)
 * ``reflora bench``: time a LoRA training step against PyTorch (``reflora.bench``)
 """
@@ -18,6 +19,7 @@ from reflora._version import __version__
 SUBCOMMANDS = {
     "inspect": "reflora.inspect",
     "golden": "reflora.golden",
+    "merge": "reflora.merge",
     "conform": "conformance.cli",
     "matrix": "conformance.matrix",
     "bench": "reflora.bench",

@@ -117,6 +117,7 @@ _GPT2_REQUIRED_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 
 BIAS_MODES = ("none", "all", "lora_only")
+LORA_INIT_VALUES = (True, False, "gaussian", "pissa", "olora")
 QKV_SLICE_NAMES = ("q", "k", "v")
 
 
@@ -131,6 +132,11 @@ class LoraConfig:
     reflora-only field: ``qkv_slices``, e.g. ``["q", "v"]``: on the fused ``c_attn``, put independent
     rank-r adapters on those slices of the output only (loralib's ``MergedLinear(enable_lora=[T, F, T])``).
     ``None`` (the default) is PEFT's full-matrix LoRA on ``c_attn``.
+
+    ``use_dora``: DoRA, a magnitude vector per targeted module (docs/advanced-semantics.md). ``lora_bias``: B gets
+    a bias, the branch is ``s·(B A x + b_B)``. ``init_lora_weights``: ``True``, ``False``, ``"gaussian"``,
+    ``"pissa"``, ``"olora"`` (reflora.lora_init). As in PEFT, ``lora_bias`` excludes DoRA and needs
+    ``init_lora_weights`` true or false. reflora adds: DoRA is not combined with ``qkv_slices``.
     """
 
     r: int = 8
@@ -146,6 +152,8 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     qkv_slices: tuple[str, ...] | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -191,9 +199,24 @@ class LoraConfig:
             _check_number(f"lora.alpha_pattern[{key!r}]", value)
         if not isinstance(self.fan_in_fan_out, bool):
             raise ConfigError(f"lora.fan_in_fan_out must be true or false, got {self.fan_in_fan_out!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or (isinstance(init, str) and init in LORA_INIT_VALUES)):
             raise ConfigError(
-                f"lora.init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or 'gaussian'"
+                f"lora.init_lora_weights={self.init_lora_weights!r} is not supported; "
+                "use true, false, 'gaussian', 'pissa' or 'olora'"
+            )
+        for name in ("use_dora", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"lora.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora.lora_bias=true cannot be combined with lora.use_dora=true (as in PEFT)")
+        if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+            raise ConfigError(
+                f"lora.lora_bias=true needs lora.init_lora_weights true or false (as in PEFT), got {self.init_lora_weights!r}"
+            )
+        if self.use_dora and self.qkv_slices is not None:
+            raise ConfigError(
+                "lora.use_dora=true cannot be combined with lora.qkv_slices (reflora defines no per-slice DoRA)"
             )
         if self.qkv_slices is not None:
             qs = self.qkv_slices
@@ -249,6 +272,9 @@ class LoraConfig:
             kwargs["rank_pattern"] = {}
         if kwargs.get("alpha_pattern") is None:
             kwargs["alpha_pattern"] = {}
+        for key in ("use_dora", "lora_bias"):  # PEFT writes null for false in some versions
+            if key in kwargs and kwargs[key] is None:
+                kwargs[key] = False
         return cls(**kwargs)
 
 
@@ -262,12 +288,12 @@ _PEFT_BOOKKEEPING_FIELDS = frozenset(
 # PEFT fields for features reflora does not implement, with the default value PEFT writes.
 _PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "exclude_modules": None, "modules_to_save": None, "megatron_config": None, "trainable_token_indices": None,
-    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
-    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "monteclora_config": None, "layer_replication": None, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
-_NONE_IS_DEFAULT = frozenset({"loftq_config", "use_dora", "use_qalora", "lora_bias", "ensure_weight_tying"})
+_NONE_IS_DEFAULT = frozenset({"loftq_config", "use_qalora", "ensure_weight_tying"})
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -45,21 +45,32 @@ def init_lora_adapter(
     if init not in LORA_INITS:
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
     adapter = {}
-    for key, (rows, cols) in adapter_shapes(plan).items():
-        if ".lora_A." in key:  # (r, in)
+    for key, shape in adapter_shapes(plan).items():
+        if key.endswith(".lora_magnitude_vector"):
+            raise ValueError(
+                f"{key}: DoRA's magnitude starts at the row norms of the base weight, which this weight-free "
+                "init does not have; use reflora.lora_init.init_adapter(params, config, lora, rng)"
+            )
+        if ".lora_A." in key:  # A: (r, in)
+            rows, cols = shape
             if init == "gaussian":
-                value = rng.normal(0.0, 1.0 / rows, size=(rows, cols))
+                value = rng.normal(0.0, 1.0 / rows, size=shape)
             else:
                 bound = 1.0 / math.sqrt(cols)
-                value = rng.uniform(-bound, bound, size=(rows, cols))
-        else:  # B: (out, r)
-            if init in ("test", False):
-                bound = 1.0 / math.sqrt(cols)
-                value = rng.uniform(-bound, bound, size=(rows, cols))
-            else:
-                value = np.zeros((rows, cols))
+                value = rng.uniform(-bound, bound, size=shape)
+        elif init in ("test", False):  # B: (out, r), or lora_bias b_B: (out,), both nn.Linear(r, out)'s init
+            r = shape[1] if len(shape) == 2 else _rank_of_bias(plan, key)
+            bound = 1.0 / math.sqrt(r)
+            value = rng.uniform(-bound, bound, size=shape)
+        else:
+            value = np.zeros(shape)
         adapter[key] = value.astype(dtype)
     return adapter
+
+
+def _rank_of_bias(plan: dict[str, LoraModule], bias_key: str) -> int:
+    module = plan[bias_key.removeprefix("base_model.model.").split(".lora_B")[0]]
+    return module.r
 
 
 def draw_dropout_masks(

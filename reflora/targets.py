@@ -14,6 +14,9 @@ applied to the module names of transformers' ``GPT2LMHeadModel``:
 Adapter tensors are named as PEFT saves them: ``base_model.model.<module>.lora_A.weight`` with shape
 (r, in) and ``...lora_B.weight`` with shape (out, r). Per-slice q/k/v adapters (reflora's ``qkv_slices``)
 are ``...c_attn.lora_A.<slice>.weight`` (r, in) and ``...c_attn.lora_B.<slice>.weight`` (n_embd, r).
+With ``lora_bias`` each B has a bias ``...lora_B.weight`` -> ``...lora_B.bias`` (out,) (PEFT's key); with
+``use_dora`` each module has a magnitude ``<module>.lora_magnitude_vector`` (out,): PEFT 0.21 saves that key
+without ``.weight`` (``LoraModel._get_adapter_state_dict``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LoraBranch:
     b_key: str  # adapter key of B, shape (out_stop - out_start, r)
     out_start: int
     out_stop: int
+    bias_key: str | None = None  # lora_bias: adapter key of B's bias, shape (out_stop - out_start,)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LoraModule:
     lora_alpha: float
     scaling: float
     branches: tuple[LoraBranch, ...]
+    magnitude_key: str | None = None  # use_dora: adapter key of the magnitude m, shape (out_features,)
 
 
 def module_names(config: GPT2Config) -> list[str]:
@@ -60,7 +65,7 @@ def module_names(config: GPT2Config) -> list[str]:
         names += [h, f"{h}.ln_1", f"{h}.attn", f"{h}.attn.c_attn", f"{h}.attn.c_proj", f"{h}.attn.attn_dropout",
                   f"{h}.attn.resid_dropout", f"{h}.ln_2", f"{h}.mlp", f"{h}.mlp.c_fc", f"{h}.mlp.c_proj",
                   f"{h}.mlp.act", f"{h}.mlp.dropout"]  # fmt: skip
-    return names + ["transformer.ln_f", "lm_head"]
+    return [*names, "transformer.ln_f", "lm_head"]
 
 
 def conv1d_shape(config: GPT2Config, kind: str) -> tuple[int, int]:
@@ -101,7 +106,9 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
     if not matched:
         raise ConfigError(f"lora.target_modules={_show(lora.target_modules)} matches no module of this GPT-2")
     if isinstance(lora.layers_to_transform, (int, tuple)):
-        wanted = {lora.layers_to_transform} if isinstance(lora.layers_to_transform, int) else set(lora.layers_to_transform)
+        wanted = (
+            {lora.layers_to_transform} if isinstance(lora.layers_to_transform, int) else set(lora.layers_to_transform)
+        )
         missing = sorted(i for i in wanted if i >= config.n_layer)
         if missing:
             raise ConfigError(f"lora.layers_to_transform names layers {missing}, but gpt2.n_layer is {config.n_layer}")
@@ -122,23 +129,35 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
         if kind == "attn.c_attn" and lora.qkv_slices is not None:
             c = config.n_embd
             offsets = {"q": 0, "k": c, "v": 2 * c}
-            branches = tuple(
-                LoraBranch(f"{prefix}.lora_A.{s}.weight", f"{prefix}.lora_B.{s}.weight", offsets[s], offsets[s] + c)
-                for s in lora.qkv_slices
-            )
+            slices = [(f".{s}", offsets[s], offsets[s] + c) for s in lora.qkv_slices]
         else:
-            branches = (LoraBranch(f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", 0, out_f),)
-        plan[name] = LoraModule(name, layer, kind, in_f, out_f, r, alpha, lora.scaling(r, alpha), branches)
+            slices = [("", 0, out_f)]
+        branches = tuple(
+            LoraBranch(
+                f"{prefix}.lora_A{tag}.weight", f"{prefix}.lora_B{tag}.weight", start, stop,
+                f"{prefix}.lora_B{tag}.bias" if lora.lora_bias else None,
+            )
+            for tag, start, stop in slices
+        )  # fmt: skip
+        magnitude_key = f"{prefix}.lora_magnitude_vector" if lora.use_dora else None
+        plan[name] = LoraModule(
+            name, layer, kind, in_f, out_f, r, alpha, lora.scaling(r, alpha), branches, magnitude_key
+        )
     return plan
 
 
-def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, int]]:
-    """Adapter key -> shape, in model order: A is (r, in), B is (out of its slice, r)."""
-    shapes: dict[str, tuple[int, int]] = {}
+def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, ...]]:
+    """Adapter key -> shape, in model order: A is (r, in), B is (out of its slice, r); with ``lora_bias`` B's
+    bias is (out of its slice,); with ``use_dora`` the module's magnitude is (out,)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for module in plan.values():
         for branch in module.branches:
             shapes[branch.a_key] = (module.r, module.in_features)
             shapes[branch.b_key] = (branch.out_stop - branch.out_start, module.r)
+            if branch.bias_key is not None:
+                shapes[branch.bias_key] = (branch.out_stop - branch.out_start,)
+        if module.magnitude_key is not None:
+            shapes[module.magnitude_key] = (module.out_features,)
     return shapes
 
 

@@ -193,3 +193,163 @@ def default_wrt(config: GPT2Config, lora: LoraConfig) -> list[str]:
     from reflora.targets import adapter_shapes
 
     return list(adapter_shapes(plan)) + trainable_bias_keys(config, lora, plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several named adapters, DoRA, lora_bias (appended for docs/advanced-semantics.md; the functions above are unchanged)
+# ----------------------------------------------------------------------------------------------
+
+
+def live_adapter_param(file_key: str, adapter_name: str) -> str:
+    """PEFT's live parameter name for an adapter file key of adapter ``adapter_name``.
+
+    ``...lora_A.weight`` -> ``...lora_A.<name>.weight``; ``...lora_B.bias`` -> ``...lora_B.<name>.bias``;
+    ``...lora_magnitude_vector`` (saved without ``.weight``) -> ``...lora_magnitude_vector.<name>.weight``.
+    """
+    if file_key.endswith(".lora_magnitude_vector"):
+        return f"{file_key}.{adapter_name}.weight"
+    head, _, tail = file_key.rpartition(".")
+    return f"{head}.{adapter_name}.{tail}"
+
+
+def _peft_config_for_copy(lora: LoraConfig):
+    """PEFT ``LoraConfig`` for ``lora`` whose own init does not touch the base: reflora's tensors are copied in
+    afterwards, and PiSSA/OLoRA would otherwise rewrite the base weights (they do so on every load)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    if lora.qkv_slices is not None:
+        raise ValueError("PEFT has no per-slice q/k/v LoRA (lora.qkv_slices)")
+    fields = lora.to_peft_dict()
+    if not isinstance(fields["init_lora_weights"], bool):
+        fields["init_lora_weights"] = True
+    return PeftLoraConfig(**fields)
+
+
+def build_peft_adapters(
+    config: GPT2Config,
+    params: Mapping[str, np.ndarray],
+    adapters: Mapping[str, tuple[LoraConfig, Mapping[str, np.ndarray]]],
+    dtype: str = "float64",
+):
+    """``get_peft_model`` with the first adapter and ``add_adapter`` for the others, under their names, with
+    reflora's tensors (A, B, ``lora_B`` biases, DoRA magnitudes) copied in."""
+    import warnings
+
+    from peft import get_peft_model
+
+    items = list(adapters.items())
+    if not items:
+        raise ValueError("build_peft_adapters needs at least one adapter")
+    model = build_hf_model(config, params, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Conv1D fan_in_fan_out, several adapters with PiSSA/OLoRA
+        first_name, (first_lora, _) = items[0]
+        peft_model = get_peft_model(
+            model, _peft_config_for_copy(first_lora), adapter_name=first_name, autocast_adapter_dtype=False
+        )
+        for name, (lora, _) in items[1:]:
+            peft_model.add_adapter(name, _peft_config_for_copy(lora), autocast_adapter_dtype=False)
+    named = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, (_, tensors) in items:
+            for key, value in tensors.items():
+                named[live_adapter_param(key, name)].copy_(torch.from_numpy(np.array(value, dtype=np.float64)))
+    peft_model.to(TORCH_DTYPES[dtype])
+    peft_model.train()
+    return peft_model
+
+
+def run_peft_adapters(
+    config: GPT2Config,
+    params: Mapping[str, np.ndarray],
+    adapters: Mapping[str, tuple[LoraConfig, Mapping[str, np.ndarray]]],
+    input_ids: np.ndarray,
+    *,
+    active: list[str] | None = None,
+    adapter_names: list[str] | None = None,
+    labels: np.ndarray | None = None,
+    dlogits: np.ndarray | None = None,
+    attention_mask: np.ndarray | None = None,
+    dropout_masks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    wrt: list[str] | None = None,
+    dtype: str = "float64",
+) -> dict[str, np.ndarray]:
+    """``run_peft`` for reflora's ``adapters=`` mode: ``logits``, ``loss`` (if labels), ``grad/<key>``.
+
+    ``active``: ``base_model.set_adapter(active)`` (in that order; default all); ``[]`` runs under
+    ``disable_adapter()``. ``adapter_names``: PEFT's mixed batch (no dropout masks then). ``dropout_masks``:
+    {adapter: {module: mask}}. ``wrt``: reflora's qualified adapter keys (``"<name>:<file key>"``) or HF base keys.
+    """
+    import contextlib
+
+    from reflora.adapters import split_key
+
+    model = build_peft_adapters(config, params, adapters, dtype)
+    names = list(adapters)
+    if active is not None and adapter_names is not None:
+        raise ValueError("give at most one of active and adapter_names")
+    if adapter_names is None:
+        active = names if active is None else list(active)
+        if active:
+            model.base_model.set_adapter(active)
+    else:
+        if dropout_masks:
+            raise ValueError("PEFT's mixed batch applies dropout to a sub-batch: dropout masks are not supported here")
+        model.eval()  # PEFT refuses adapter_names in training mode; autograd still runs
+    modules = dict(model.named_modules())
+    for adapter_name, masks in (dropout_masks or {}).items():
+        lora = adapters[adapter_name][0]
+        for module, mask in masks.items():
+            layer = modules[ADAPTER_PREFIX + module]
+            layer.lora_dropout[adapter_name] = MaskDropout(
+                torch.from_numpy(np.array(mask)).to(TORCH_DTYPES[dtype]), lora.lora_dropout
+            )
+    plans = {}
+    for lora, _ in adapters.values():
+        plans.update(plan_lora(config, lora))
+    named = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrt = list(wrt or [])
+    leaves = {}
+    for key in wrt:
+        adapter_name, file_key = split_key(key)
+        live = live_adapter_param(file_key, adapter_name) if adapter_name is not None else live_base_name(key, plans)
+        named[live].requires_grad_(True)
+        leaves[key] = named[live]
+    kwargs = {"input_ids": torch.from_numpy(np.asarray(input_ids, dtype=np.int64))}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+    if adapter_names is not None:
+        kwargs["adapter_names"] = list(adapter_names)
+    disabled = adapter_names is None and not active
+    with model.disable_adapter() if disabled else contextlib.nullcontext():
+        logits = model(**kwargs).logits
+    out: dict[str, np.ndarray] = {"logits": logits.detach().to(torch.float64).numpy()}
+    loss = None
+    if labels is not None:
+        loss = hf_causal_lm_loss(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        out["loss"] = np.asarray(loss.detach().to(torch.float64).item())
+    if wrt:
+        objective = loss if dlogits is None else (logits * torch.from_numpy(np.asarray(dlogits)).to(logits.dtype)).sum()
+        grads = torch.autograd.grad(objective, [leaves[k] for k in wrt], allow_unused=True)
+        for key, grad in zip(wrt, grads, strict=True):
+            value = torch.zeros_like(leaves[key]) if grad is None else grad
+            out[f"grad/{key}"] = value.detach().to(torch.float64).numpy()
+    return out
+
+
+def reflora_key(live_name: str) -> str:
+    """The reflora key of a live PEFT parameter name (the inverse of the two mappings above).
+
+    ``base_model.model.<m>.lora_A.default.weight`` -> ``base_model.model.<m>.lora_A.weight`` (adapter key);
+    ``base_model.model.<m>.base_layer.bias`` and ``base_model.model.<m>.bias`` -> ``<m>.bias`` (HF base key).
+    """
+    if ".lora_" in live_name:
+        return live_name.replace(".default.", ".")
+    return live_name.removeprefix(ADAPTER_PREFIX).replace(".base_layer.", ".")
+
+
+def trainable_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """reflora key -> live parameter, for every parameter PEFT marked trainable (``requires_grad``)."""
+    return {reflora_key(name): p for name, p in peft_model.named_parameters() if p.requires_grad}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from reflora.backend import Array, namespace
+from reflora.backend import Array, for_each_row_block, namespace
 
 
 def attention_visibility(attention_mask: Array, seq_len: int) -> Array:
@@ -46,20 +46,24 @@ def _merge_heads(xp, x: Array) -> Array:
 
 
 def attention_forward(qkv: Array, visible: Array, n_head: int) -> tuple[Array, tuple]:
-    """qkv: (B, T, 3C); visible: (B, 1, T, T) bool -> out: (B, T, C), cache (q, k, v, P)."""
+    """qkv: (B, T, 3C); visible: (B, 1, T, T) bool -> out: (B, T, C), cache (q/√d, k, v, P)."""
     xp = namespace(qkv)
     c = qkv.shape[-1] // 3
-    q = _split_heads(xp, qkv[..., :c], n_head)  # (B, H, T, d)
-    k = _split_heads(xp, qkv[..., c : 2 * c], n_head)  # (B, H, T, d)
-    v = _split_heads(xp, qkv[..., 2 * c :], n_head)  # (B, H, T, d)
-    scale = 1.0 / math.sqrt(c // n_head)
-    scores = xp.matmul(q, xp.matrix_transpose(k)) * scale  # (B, H, T, T)
-    scores = xp.where(visible, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
-    row_max = xp.max(scores, axis=-1, keepdims=True)  # (B, H, T, 1); -inf on rows that see nothing
-    row_max = xp.where(xp.isfinite(row_max), row_max, xp.zeros_like(row_max))
-    probs = xp.exp(scores - row_max)  # (B, H, T, T); exactly 0 where not visible
-    denom = xp.sum(probs, axis=-1, keepdims=True)  # (B, H, T, 1)
-    probs /= xp.where(denom > 0, denom, xp.ones_like(denom))
+    q = _split_heads(xp, qkv[..., :c], n_head) * (1.0 / math.sqrt(c // n_head))  # (B, H, T, d): q/√d
+    k = _split_heads(xp, qkv[..., c : 2 * c], n_head)  # (B, H, T, d), a view of qkv
+    v = _split_heads(xp, qkv[..., 2 * c :], n_head)  # (B, H, T, d), a view of qkv
+    probs = xp.matmul(q, xp.matrix_transpose(k))  # (B, H, T, T): S, turned into P in place below
+
+    def softmax_rows(rows: slice) -> None:  # rows of the batch axis
+        scores = xp.where(visible[rows, ...], probs[rows, ...], -xp.inf)  # (R, H, T, T): −∞ where hidden
+        row_max = xp.max(scores, axis=-1, keepdims=True)  # (R, H, T, 1); −∞ on rows that see nothing
+        scores -= xp.where(xp.isfinite(row_max), row_max, 0.0)
+        p = xp.exp(scores)  # exactly 0 where hidden
+        denom = xp.sum(p, axis=-1, keepdims=True)  # (R, H, T, 1)
+        p *= 1.0 / xp.where(denom > 0, denom, 1.0)
+        probs[rows, ...] = p
+
+    for_each_row_block(softmax_rows, probs)
     out = _merge_heads(xp, xp.matmul(probs, v))  # (B, T, C)
     return out, (q, k, v, probs)
 
@@ -67,14 +71,20 @@ def attention_forward(qkv: Array, visible: Array, n_head: int) -> tuple[Array, t
 def attention_backward(dout: Array, cache: tuple) -> Array:
     """dout: (B, T, C) -> dqkv: (B, T, 3C)."""
     xp = namespace(dout)
-    q, k, v, probs = cache
-    n_head = q.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_scaled, k, v, probs = cache
+    n_head = q_scaled.shape[1]
     do = _split_heads(xp, dout, n_head)  # (B, H, T, d)
-    dprobs = xp.matmul(do, xp.matrix_transpose(v))  # (B, H, T, T)
     dv = xp.matmul(xp.matrix_transpose(probs), do)  # (B, H, T, d)
-    dscores = probs * (dprobs - xp.sum(dprobs * probs, axis=-1, keepdims=True))  # (B, H, T, T)
-    dscores *= scale
+    dscores = xp.matmul(do, xp.matrix_transpose(v))  # (B, H, T, T): dP, turned into dS in place below
+
+    def softmax_backward_rows(rows: slice) -> None:  # rows of the batch axis
+        p = probs[rows, ...]
+        ds = dscores[rows, ...] - xp.vecdot(dscores[rows, ...], p)[..., None]  # dP − rowsum(dP ⊙ P)
+        ds *= p
+        dscores[rows, ...] = ds
+
+    for_each_row_block(softmax_backward_rows, dscores)
     dq = xp.matmul(dscores, k)  # (B, H, T, d)
-    dk = xp.matmul(xp.matrix_transpose(dscores), q)  # (B, H, T, d)
+    dq *= 1.0 / math.sqrt(q_scaled.shape[-1])
+    dk = xp.matmul(xp.matrix_transpose(dscores), q_scaled)  # (B, H, T, d): dSᵀ q / √d
     return xp.concat([_merge_heads(xp, dq), _merge_heads(xp, dk), _merge_heads(xp, dv)], axis=-1)

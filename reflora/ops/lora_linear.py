@@ -55,11 +55,14 @@ def lora_linear_forward(
         y += bias
     if not branches:
         return y, (x, None, ())
-    x_drop = x if keep_mask is None else x * keep_mask * (1.0 / (1.0 - dropout_p))  # (N, in)
+    x_drop = x
+    if keep_mask is not None:
+        x_drop = x * keep_mask  # (N, in)
+        x_drop *= 1.0 / (1.0 - dropout_p)
     us = []
     for br in branches:
         u = xp.matmul(x_drop, xp.matrix_transpose(br.A))  # (N, r)
-        delta = xp.matmul(u, xp.matrix_transpose(br.B)) * br.scaling  # (N, stop - start)
+        delta = xp.matmul(u * br.scaling, xp.matrix_transpose(br.B))  # (N, stop - start); s scales the thin factor
         if br.start == 0 and br.stop == y.shape[1]:
             y += delta
         else:
@@ -93,18 +96,25 @@ def lora_linear_backward(
         dweight = dW if layout == "conv1d" else xp.matrix_transpose(dW)
     dbias = xp.sum(dy, axis=0) if want_dbias else None  # (out,)
     branch_grads = []
-    dx_drop = None
+    dx_drop = None  # (N, in): Σ_branches s·(g B) A, the gradient reaching x_d
     for br, u in zip(branches, us, strict=True):
         g = dy if (br.start == 0 and br.stop == dy.shape[1]) else dy[:, br.start : br.stop]  # (N, out_b)
         gB = xp.matmul(g, br.B)  # (N, r)
-        dB = xp.matmul(xp.matrix_transpose(g), u) * br.scaling  # (out_b, r)
-        dA = xp.matmul(xp.matrix_transpose(gB), x_drop) * br.scaling  # (r, in)
+        gB *= br.scaling  # s·g B
+        dB = xp.matmul(xp.matrix_transpose(g), u)  # (out_b, r)
+        dB *= br.scaling
+        dA = xp.matmul(xp.matrix_transpose(gB), x_drop)  # (r, in)
         branch_grads.append((dA, dB))
         if want_dx:
-            contrib = xp.matmul(gB, br.A) * br.scaling  # (N, in)
-            dx_drop = contrib if dx_drop is None else dx_drop + contrib
-    if want_dx and dx_drop is not None:
-        if keep_mask is not None:
-            dx_drop = dx_drop * keep_mask * (1.0 / (1.0 - dropout_p))
+            contrib = xp.matmul(gB, br.A)  # (N, in)
+            if keep_mask is None:
+                dx += contrib
+            elif dx_drop is None:
+                dx_drop = contrib
+            else:
+                dx_drop += contrib
+    if dx_drop is not None:  # only with a dropout mask: x_d = x ⊙ M / (1 − p)
+        dx_drop *= keep_mask
+        dx_drop *= 1.0 / (1.0 - dropout_p)
         dx += dx_drop
     return dx, dweight, dbias, branch_grads

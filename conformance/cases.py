@@ -1,0 +1,181 @@
+"""From a spec (``conformance.strategies``) to the arrays of a case, deterministically.
+
+Every array is drawn in float64 from ``numpy.random.default_rng(spec["seed"])`` in the order written in each
+function below, so a spec is a complete, portable reproduction: the suite, the worker process that runs the
+candidate and ``reflora conform --replay`` all rebuild the same case from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conformance.features import FEATURES
+from conformance.protocol import LayerCase, ModelCase
+from reflora.config import GPT2Config, LoraConfig
+from reflora.init import draw_dropout_masks, init_gpt2_params, init_lora_adapter
+from reflora.targets import plan_lora, trainable_bias_keys
+
+IGNORE_INDEX = -100
+MODEL_B_SCALE = 0.1  # see _scaled
+
+
+def build_case(spec: dict[str, Any]) -> LayerCase | ModelCase:
+    level = FEATURES[spec["feature"]].level
+    if level == "layer":
+        return build_layer_case(spec)
+    if level == "golden":
+        return golden_model_case(spec)[0]
+    return build_model_case(spec)
+
+
+def build_layer_case(spec: dict[str, Any]) -> LayerCase:
+    """Draw order: weight, bias (if any), A and B per branch (slices in q, k, v order), x, keep-mask (train
+    mode), dy. Weight ~ N(0, 1/in), bias ~ N(0, 0.1²), A ~ U(±1/√in), B ~ U(±1/√r) (never zero), x, dy ~ N(0, 1)."""
+    rng = np.random.default_rng(spec["seed"])
+    in_f, out_f, r = spec["in_features"], spec["out_features"], spec["r"]
+    batch, seq_len = spec["batch"], spec["seq_len"]
+    shape = (out_f, in_f) if spec["layout"] == "linear" else (in_f, out_f)
+    weight = rng.standard_normal(shape) / np.sqrt(in_f)
+    bias = 0.1 * rng.standard_normal(out_f) if spec["has_bias"] else None
+    slices = spec["qkv_slices"]
+    names: list[str | None] = [s for s in ("q", "k", "v") if s in slices] if slices else [None]
+    width = out_f // 3 if slices else out_f
+    lora_A, lora_B = {}, {}
+    for name in names:
+        lora_A[name] = rng.uniform(-1, 1, (r, in_f)) / np.sqrt(in_f)  # (r, in)
+        lora_B[name] = rng.uniform(-1, 1, (width, r)) / np.sqrt(r)  # (width, r)
+    x = rng.standard_normal((batch, seq_len, in_f))  # (B, T, in)
+    keep_mask = None
+    if spec["train_mode"]:
+        keep_mask = (rng.random((batch, seq_len, in_f)) >= spec["lora_dropout"]).astype(np.float64)  # (B, T, in)
+    dy = rng.standard_normal((batch, seq_len, out_f))  # (B, T, out)
+    return LayerCase(
+        layout=spec["layout"], x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, r=r,
+        lora_alpha=float(spec["lora_alpha"]), use_rslora=spec["use_rslora"], lora_dropout=spec["lora_dropout"],
+        keep_mask=keep_mask, bias_trainable=spec["bias"] != "none", dy=dy, dtype=spec["dtype"], seed=spec["seed"],
+    )  # fmt: skip
+
+
+def lora_config(fields: dict[str, Any]) -> LoraConfig:
+    return LoraConfig(**fields)
+
+
+def build_model_case(spec: dict[str, Any]) -> ModelCase:
+    """Draw order: base (``init_gpt2_params``), adapter (``init_lora_adapter``, init "test", B × 0.1), input_ids,
+    position_ids ("offset": a per-row start; "random"), labels (random tokens; −100 on padding, then
+    ``ignored_labels`` of the remaining shifted positions, always leaving one), dropout masks (train mode),
+    dlogits (objective "dlogits"), trained biases (adapter files with a bias mode), the second adapter."""
+    rng = np.random.default_rng(spec["seed"])
+    config = GPT2Config(**spec["gpt2"])
+    lora = lora_config(spec["lora"])
+    plan = plan_lora(config, lora)
+    batch, seq_len, vocab = spec["batch"], spec["seq_len"], config.vocab_size
+    params = init_gpt2_params(config, rng)
+    adapter = _scaled(init_lora_adapter(plan, rng, init="test"))
+    input_ids = rng.integers(0, vocab, (batch, seq_len), dtype=np.int64)  # (B, T)
+    attention_mask = None
+    if spec.get("attention_mask") == "ones":
+        attention_mask = np.ones((batch, seq_len), dtype=np.int64)
+    if "padding_side" in spec:
+        attention_mask = np.ones((batch, seq_len), dtype=np.int64)  # (B, T)
+        for row, n_pad in enumerate(spec["pad_lengths"]):
+            if spec["padding_side"] == "left":
+                attention_mask[row, :n_pad] = 0
+            else:
+                attention_mask[row, seq_len - n_pad :] = 0
+    position_ids = None
+    if spec.get("position_ids") == "offset":
+        start = rng.integers(0, config.n_positions - seq_len + 1, (batch, 1))
+        position_ids = (start + np.arange(seq_len)).astype(np.int64)  # (B, T)
+    elif spec.get("position_ids") == "random":
+        position_ids = rng.integers(0, config.n_positions, (batch, seq_len), dtype=np.int64)
+    labels = dlogits = None
+    if spec.get("objective") == "loss":
+        labels = rng.integers(0, vocab, (batch, seq_len), dtype=np.int64)  # (B, T)
+        if attention_mask is not None:
+            labels[attention_mask == 0] = IGNORE_INDEX
+        counted = np.argwhere(labels[:, 1:] != IGNORE_INDEX) + [0, 1]  # positions that survive the shift
+        n_ignore = min(spec["ignored_labels"], len(counted) - 1)
+        for row, col in counted[rng.permutation(len(counted))[:n_ignore]]:
+            labels[row, col] = IGNORE_INDEX
+    masks = None
+    if lora.lora_dropout > 0 and spec.get("dropout") == "train":
+        masks = draw_dropout_masks(plan, lora.lora_dropout, batch, seq_len, rng)
+    if spec.get("objective") == "dlogits":
+        dlogits = rng.standard_normal((batch, seq_len, vocab))  # (B, T, V)
+    trained_biases = None
+    if spec["feature"] == "model.adapter_load" and lora.bias != "none":
+        keys = trainable_bias_keys(config, lora, plan)
+        trained_biases = {k: params[k] + 0.05 * rng.standard_normal(params[k].shape) for k in keys}
+    second_lora = second_adapter = None
+    if "second_lora" in spec:
+        second_lora = lora_config(spec["second_lora"])
+        second_adapter = _scaled(init_lora_adapter(plan_lora(config, second_lora), rng, init="test"))
+    return ModelCase(
+        config=config, lora=lora, params=params, adapter=adapter, input_ids=input_ids, labels=labels,
+        attention_mask=attention_mask, position_ids=position_ids, dropout_masks=masks, dlogits=dlogits,
+        dtype=spec["dtype"], seed=spec["seed"], trained_biases=trained_biases, second_lora=second_lora,
+        second_adapter=second_adapter,
+    )  # fmt: skip
+
+
+def _scaled(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """B times ``MODEL_B_SCALE``: the LoRA delta then has the size of the base's output. Unscaled (B ~ U(±1/√r)
+    against base weights ~ N(0, 0.02²)) it is ~100× larger, saturates the attention softmaxes, and their
+    gradients vanish into rounding: a correct float64 candidate then differs by 100× the usual (measured)."""
+    return {k: v * MODEL_B_SCALE if ".lora_B." in k else v for k, v in adapter.items()}
+
+
+def golden_model_case(spec: dict[str, Any]):
+    """``(ModelCase, GoldenCase)`` of the fixture ``spec["fixture"]``; arrays upcast to float64, the
+    candidate runs in the fixture's dtype."""
+    from reflora.golden import read_fixture, unpack_fixture
+
+    golden_spec, tensors = read_fixture(Path(spec["fixture"]))
+    golden = unpack_fixture(golden_spec, tensors)
+
+    def f64(array):
+        return None if array is None else np.asarray(array, dtype=np.float64)
+
+    case = ModelCase(
+        config=golden.config, lora=golden.lora, params={k: f64(v) for k, v in golden.params.items()},
+        adapter={k: f64(v) for k, v in (golden.adapter or {}).items()}, input_ids=golden.input_ids,
+        labels=golden.labels, attention_mask=golden.attention_mask, position_ids=golden.position_ids,
+        dropout_masks=None if golden.dropout_masks is None else {k: f64(v) for k, v in golden.dropout_masks.items()},
+        dlogits=f64(golden.dlogits), dtype=golden_spec["dtype"], seed=golden_spec["seed"],
+    )  # fmt: skip
+    return case, golden
+
+
+def case_tensors(case: LayerCase | ModelCase) -> dict[str, np.ndarray]:
+    """Every input array of a case under a flat name (golden fixture names at model level), for ``--dump``."""
+    out: dict[str, np.ndarray] = {}
+    if isinstance(case, LayerCase):
+        out.update(x=case.x, weight=case.weight, dy=case.dy)
+        if case.bias is not None:
+            out["bias"] = case.bias
+        for name in case.lora_A:
+            suffix = "" if name is None else f".{name}"
+            out[f"lora_A{suffix}"], out[f"lora_B{suffix}"] = case.lora_A[name], case.lora_B[name]
+        if case.keep_mask is not None:
+            out["keep_mask"] = case.keep_mask
+        return out
+    out.update({f"base/{k}": v for k, v in case.params.items()})
+    out.update({f"adapter/{k}": v for k, v in case.adapter.items()})
+    out["input_ids"] = case.input_ids
+    for name in ("labels", "attention_mask", "position_ids", "dlogits"):
+        if getattr(case, name) is not None:
+            out[name] = getattr(case, name)
+    out.update({f"dropout/{k}": v for k, v in (case.dropout_masks or {}).items()})
+    out.update({f"trained_bias/{k}": v for k, v in (case.trained_biases or {}).items()})
+    out.update({f"second_adapter/{k}": v for k, v in (case.second_adapter or {}).items()})
+    return out
+
+
+def spec_json(spec: dict[str, Any]) -> str:
+    """The one-line JSON form of a spec (what a reproduction prints and ``--replay`` reads)."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,191 @@
+"""``reflora conform``: run the conformance suite against a candidate LoRA library.
+
+    reflora conform --candidate peft                      # the whole suite, table and score at the end
+    reflora conform --candidate mypkg.driver:driver       # a driver you wrote, no change to reflora needed
+    reflora conform --candidate peft --report-json r.json --junitxml junit.xml
+    reflora conform --candidate peft --replay '<spec json>' --dump case.safetensors   # one case alone
+
+It runs pytest on the installed ``conformance`` package with its plugin; it installs nothing (``--isolated``
+asks ``conformance.envs`` for the candidate's own virtual environment, which may install it there). Exit
+status: 0 when every failure is a known deviation, 1 with unknown failures, 2 on a usage error, 5 when nothing
+was checked. ``--replay``: 0 pass, 1 fail, 3 not supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONFORMANCE_DIR = Path(__file__).resolve().parent
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "conform",
+        help="run the conformance suite against a LoRA library (e.g. --candidate peft)",
+        description="Run the property-based conformance suite against a candidate LoRA library and print what "
+        "conforms. The candidate is a shipped driver name or package.module:object. See docs/conformance.md.",
+    )
+    p.add_argument("--candidate", metavar="NAME|MODULE:OBJECT", help="the library under test (required)")
+    p.add_argument("--list-candidates", action="store_true", help="list the shipped drivers and exit")
+    p.add_argument("--profile", choices=["ci", "dev", "thorough"], help="examples and randomness (default: ci if $CI, else dev)")
+    p.add_argument("--max-examples", type=int, metavar="N", help="examples per feature, overriding the profile")
+    p.add_argument("--isolation", choices=["subprocess", "none"], default="subprocess",
+                   help="run the candidate in a worker process (default) or in this process")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds one driver call may take before the candidate counts as hung (default 120)")
+    p.add_argument("--deviations", metavar="PATH", help="known-deviations JSON (default: the driver's own)")
+    p.add_argument("--report-json", metavar="PATH", help="write the machine-readable report here")
+    p.add_argument("--junitxml", metavar="PATH", help="write JUnit XML here (pytest's --junitxml)")
+    p.add_argument("--golden-dir", metavar="DIR", help="golden fixtures to replay (default: golden/ of a checkout)")
+    p.add_argument("-k", dest="keyword", metavar="EXPR", help="only tests matching this pytest -k expression")
+    p.add_argument("--replay", metavar="JSON", help="run one case, given as the spec JSON a failure printed")
+    p.add_argument("--dump", metavar="PATH", help="with --replay: write the case's inputs, expected and candidate "
+                   "results to this safetensors file")  # fmt: skip
+    p.add_argument("--isolated", action="store_true",
+                   help="run inside the candidate's own virtual environment (conformance.envs; may install it)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
+    p.set_defaults(func=run)
+
+
+def pytest_arguments(args: argparse.Namespace) -> list[str]:
+    """The pytest command line for ``args`` (the plugin's options, plus pass-through ones)."""
+    argv = [str(CONFORMANCE_DIR), "-p", "no:cacheprovider", "-r", "fE", "--candidate", args.candidate]
+    if not _plugin_registered():
+        argv += ["-p", "conformance.plugin"]
+    options = {"--profile": args.profile, "--max-examples": args.max_examples, "--isolation": args.isolation,
+               "--candidate-timeout": args.timeout, "--deviations": args.deviations,
+               "--report-json": args.report_json, "--junitxml": args.junitxml, "--golden-dir": args.golden_dir,
+               "-k": args.keyword}  # fmt: skip
+    for flag, value in options.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    extra = list(args.pytest_args or [])
+    return argv + (extra[1:] if extra[:1] == ["--"] else extra)
+
+
+def _plugin_registered() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.value == "conformance.plugin" for ep in entry_points(group="pytest11"))
+
+
+def _forwarded_argv(args: argparse.Namespace) -> list[str]:
+    """``args`` as a ``reflora conform`` command line again (for ``--isolated``)."""
+    argv = ["--candidate", args.candidate]
+    for flag, value in (("--profile", args.profile), ("--max-examples", args.max_examples),
+                        ("--isolation", args.isolation), ("--timeout", args.timeout),
+                        ("--deviations", args.deviations), ("--report-json", args.report_json),
+                        ("--junitxml", args.junitxml), ("--golden-dir", args.golden_dir), ("-k", args.keyword),
+                        ("--replay", args.replay), ("--dump", args.dump)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(args.pytest_args or [])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_candidates:
+        from conformance.runner import shipped_drivers
+
+        print("\n".join(shipped_drivers()))
+        return 0
+    if not args.candidate:
+        from conformance.runner import shipped_drivers
+
+        print(
+            "reflora conform: no candidate given. Name one with --candidate NAME (shipped: "
+            f"{', '.join(shipped_drivers())}) or --candidate package.module:object (a driver you wrote).",
+            file=sys.stderr,
+        )
+        return 2
+    if args.isolated:
+        from conformance.envs import run_isolated
+
+        return run_isolated(args.candidate, _forwarded_argv(args))
+    if args.replay is not None:
+        return replay(args)
+    if args.dump is not None:
+        print("reflora conform: --dump needs --replay (it writes one replayed case)", file=sys.stderr)
+        return 2
+    import pytest
+
+    return int(pytest.main(pytest_arguments(args)))
+
+
+def replay(args: argparse.Namespace) -> int:
+    """Run the one case ``args.replay`` describes, print its comparison, optionally dump it."""
+    from conformance.checks import run_check
+    from conformance.features import FEATURES, missing_capability
+    from conformance.runner import CandidateError, DriverLoadError, capabilities_from_json, make_runner
+
+    try:
+        spec = json.loads(args.replay)
+    except json.JSONDecodeError as exc:
+        print(f"reflora conform: --replay is not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    if not isinstance(spec, dict) or spec.get("feature") not in FEATURES:
+        print(f"reflora conform: --replay needs a spec with a 'feature' among {sorted(FEATURES)}", file=sys.stderr)
+        return 2
+    try:
+        runner = make_runner(args.candidate, args.isolation, args.timeout)
+    except (DriverLoadError, CandidateError) as exc:
+        print(f"reflora conform: {exc}", file=sys.stderr)
+        return 2
+    try:
+        feature = FEATURES[spec["feature"]]
+        needs = feature.needs
+        if feature.level == "golden":
+            import pytest
+
+            from conformance.suite import golden_needs
+            from reflora.golden import read_fixture
+
+            try:
+                needs = golden_needs(read_fixture(spec["fixture"])[0])
+            except pytest.skip.Exception as exc:
+                print(f"{spec['feature']}: {exc}")
+                return 3
+        reason = missing_capability(capabilities_from_json(runner.info["capabilities"]), tuple(needs))
+        if reason is not None:
+            print(f"{spec['feature']}: not supported: {reason}")
+            return 3
+        result = run_check(spec, runner.call)
+    finally:
+        runner.close()
+    print(result.report(args.candidate))
+    if args.dump:
+        dump_case(result, args.dump, args.candidate)
+        print(f"wrote {args.dump}")
+    return 0 if result.passed else 1
+
+
+def dump_case(result, path: str, candidate: str) -> None:
+    """The case's inputs (``input/...``, golden fixture names), the reference's expected results
+    (``expected/...``) and the candidate's (``candidate/...``) in one safetensors file; metadata: the spec."""
+    import numpy as np
+
+    from conformance.cases import build_case, case_tensors, spec_json
+    from conformance.runner import encode_results
+    from reflora.checkpoint import atomic_save_safetensors
+
+    tensors = {f"input/{k}": np.asarray(v) for k, v in case_tensors(build_case(result.spec)).items()}
+    for group, values in (("expected", result.expected), ("candidate", result.actual)):
+        if values is None:
+            continue
+        _, flat = encode_results(values)
+        tensors.update({f"{group}/{k}": v for k, v in flat.items()})
+    metadata = {"spec": spec_json(result.spec), "candidate": candidate, "passed": str(result.passed)}
+    atomic_save_safetensors(Path(path), tensors, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.cli")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["conform", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

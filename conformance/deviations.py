@@ -1,0 +1,65 @@
+"""Known deviations: what a candidate is expected to do differently from the reference, and why.
+
+A driver ships a JSON file (``conformance/deviations/<driver>.json`` for shipped drivers, or the driver's
+``deviations`` attribute, or ``--deviations PATH``)::
+
+    {"driver": "peft",
+     "deviations": [{"id": "model.position_ids.without_mask",
+                     "reason": "transformers infers packed sequences from position_ids when no mask is given",
+                     "issue": "https://github.com/..."}]}
+
+``id`` is a test id prefix (test ids are feature ids, ``golden.replay.<fixture>`` for fixtures). A failing test
+whose id starts with a deviation's id is reported as a known deviation and does not fail the run. A deviation
+whose id matches no test is flagged, and so is one whose tests all passed (it no longer reproduces).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DeviationsError(ValueError):
+    """The deviations file is missing or malformed; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Deviation:
+    id: str
+    reason: str
+    issue: str | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "reason": self.reason, "issue": self.issue}
+
+
+def load_deviations(path: str | Path | None) -> list[Deviation]:
+    if path is None:
+        return []
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DeviationsError(f"{path}: no such deviations file") from None
+    except json.JSONDecodeError as exc:
+        raise DeviationsError(f"{path}: not valid JSON ({exc})") from None
+    entries = data.get("deviations") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DeviationsError(f"{path}: expected an object with a 'deviations' list")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise DeviationsError(f"{path}: deviations[{i}] needs a non-empty string 'id'")
+        if not isinstance(entry.get("reason"), str) or not entry["reason"].strip():
+            raise DeviationsError(f"{path}: deviations[{i}] ({entry['id']}) needs a 'reason'")
+        unknown = set(entry) - {"id", "reason", "issue", "reproduction"}
+        if unknown:
+            raise DeviationsError(f"{path}: deviations[{i}] ({entry['id']}) has unknown fields {sorted(unknown)}")
+        out.append(Deviation(entry["id"], entry["reason"].strip(), entry.get("issue")))
+    return out
+
+
+def match(deviations: list[Deviation], test_id: str) -> Deviation | None:
+    """The first deviation whose id is a prefix of ``test_id``."""
+    return next((d for d in deviations if test_id.startswith(d.id)), None)

@@ -1,0 +1,252 @@
+"""Driver for Keras 3.15 (``Dense.enable_lora``) and keras-hub 0.32 (``GPT2Backbone.enable_lora``), on Keras's
+torch backend (``KERAS_BACKEND=torch``, set by the ``keras`` venv): layer level and GPT-2 model level.
+
+Mapping (keras/src/layers/core/dense.py, einsum_dense.py; keras_hub/src/models/backbone.py, gpt2/):
+
+* ``Dense(out, use_bias, dtype)``: ``kernel`` is (in, out) (the case's "conv1d" layout). ``enable_lora(rank,
+  lora_alpha)`` adds ``lora_kernel_a`` (in, r) = Aᵀ and ``lora_kernel_b`` (r, out) = Bᵀ and uses the kernel
+  ``W + (lora_alpha / rank) · lora_kernel_a @ lora_kernel_b``: PEFT's alpha / r scaling (``lora_alpha`` defaults
+  to ``rank``). The LoRA kernels are always created as float32 (dense.py: "LoRA weights should be float32"),
+  whatever the layer's dtype.
+* no LoRA dropout in Keras: not supported.
+* trainable: what the library leaves trainable (``layer.trainable_weights``). ``enable_lora`` freezes the kernel
+  only, so the bias stays trainable; the driver reports that as it is.
+* gradients: torch autograd through the layer (Keras variables are torch Parameters on this backend).
+* model level: keras-hub's ``GPT2Backbone`` (built from the config, ``dropout=0``), loaded with keras-hub's own
+  transformers converter (``convert_gpt2.convert_weights`` on a ``SafetensorLoader`` over the case's HF tensors
+  written to a temporary folder), logits by ``GPT2CausalLM(backbone, preprocessor=None)``, then
+  ``backbone.enable_lora(rank, target_layer_names)``. That takes no alpha (scaling 1, so only ``lora_alpha == r``),
+  and LoRA on its multi-head ``EinsumDense`` q/k/v kernels (hidden, heads, head_dim) factors per head
+  (``lora_kernel_a`` (hidden, heads, r), ``lora_kernel_b`` (r, head_dim): ΔW_h = A_h B with B shared by the
+  heads), which is not PEFT's or the paper's rank-r update of the (hidden, C) matrix unless there is one head.
+  So c_attn (keras-hub's ``query`` / ``key`` / ``value``) is not driven. GPT-2 module -> keras-hub layer:
+  attn.c_proj -> ``attention_output`` (kernel (heads, head_dim, hidden): ``lora_kernel_a`` (heads, head_dim, r)
+  is Aᵀ reshaped, an ordinary rank-r update), mlp.c_fc -> ``feedforward_intermediate_dense``, mlp.c_proj ->
+  ``feedforward_output_dense``; every block gets the same layers.
+* merge: Keras folds LoRA into the kernel only when saving (``save_own_variables``); no merge/unmerge API.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from conformance.drivers._ecosystem import (
+    refuse_unsupported,
+    refuse_unsupported_model,
+    to_numpy,
+    to_torch,
+    torch_layer_results,
+)
+from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+
+name = "keras"
+capabilities = Capabilities(
+    layer_layouts=frozenset({"conv1d"}),
+    model_level=True,
+    lora_alpha=True,
+    rslora=False,
+    dropout_mask_injection=False,
+    bias_modes=frozenset({"none", "all", "lora_only"}),
+    per_slice_qkv=False,
+    dtypes=frozenset({"float64", "float32"}),
+    target_modules_list=True,
+    target_modules_regex=False,
+    layers_to_transform=False,
+    rank_alpha_pattern=False,
+    position_ids=False,
+    padding=True,
+    merge=False,
+    adapter_files=False,
+    notes={
+        "layer_layouts": "Dense's kernel is (in, out): the conv1d layout",
+        "lora_alpha": "Dense.enable_lora(rank, lora_alpha) scales by lora_alpha / rank; at model level "
+        "GPT2Backbone.enable_lora(rank) passes no alpha, so only lora_alpha == r",
+        "rslora": "lora_alpha / rank only",
+        "dropout_mask_injection": "Keras LoRA has no dropout",
+        "dtypes": "the LoRA kernels are always float32, also in a float64 layer; bfloat16 is not run",
+        "bias_modes": "reported as the library leaves it: enable_lora freezes the kernel only, the bias stays trainable",
+        "per_slice_qkv": "Dense adapts a whole kernel; keras-hub's q/k/v are separate EinsumDense layers whose LoRA "
+        "factors per head (ΔW_h = A_h B, B shared by the heads), not the reference's per-slice LoRA",
+        "target_modules_list": "as keras-hub layer names, the same in every block",
+        "target_modules_regex": "enable_lora takes layer names",
+        "layers_to_transform": "enable_lora adapts every block",
+        "rank_alpha_pattern": "one rank for every layer",
+        "position_ids": "GPT2Backbone computes positions itself",
+        "merge": "no merge/unmerge API (LoRA is folded into the kernel only when saving)",
+        "adapter_files": "keras-hub saves .lora.h5 files of its own, not PEFT's format",
+    },
+)
+
+KIND_TO_KERAS = {"attn.c_proj": "attention_output", "mlp.c_fc": "feedforward_intermediate_dense",
+                 "mlp.c_proj": "feedforward_output_dense"}  # fmt: skip
+
+
+def _keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    if keras.backend.backend() != "torch":
+        raise NotSupported(f"{name}: the driver runs Keras on its torch backend (KERAS_BACKEND=torch)")
+    return keras
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    keras = _keras()
+    return {
+        "candidate": f"keras {version('keras')}, keras-hub {version('keras-hub')}",
+        "framework": f"keras backend {keras.backend.backend()} (torch {version('torch')})",
+    }
+
+
+def _assign(variable, value: np.ndarray) -> None:
+    """Assign in the variable's own dtype (which for LoRA kernels is float32, whatever the case's dtype)."""
+    variable.assign(np.asarray(value, dtype=np.float64).astype(variable.dtype))
+
+
+def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
+    refuse_unsupported(case, capabilities, name)
+    keras = _keras()
+    in_f, out_f = case.weight.shape
+    layer = keras.layers.Dense(out_f, use_bias=case.bias is not None, dtype=case.dtype)
+    layer.build((None, in_f))
+    _assign(layer.kernel, case.weight)  # (in, out)
+    if case.bias is not None:
+        _assign(layer.bias, case.bias)
+    layer.enable_lora(case.r, lora_alpha=case.lora_alpha)
+    _assign(layer.lora_kernel_a, case.lora_A[None].T)  # (in, r)
+    _assign(layer.lora_kernel_b, case.lora_B[None].T)  # (r, out)
+    x = to_torch(case.x, case.dtype, requires_grad=True)
+    y = layer(x, training=False)
+    trainable = {v.path.split("/")[-1]: v for v in layer.trainable_weights}
+    rename = {"lora_kernel_a": "lora_A", "lora_kernel_b": "lora_B", "kernel": "weight", "bias": "bias"}
+    leaves = {rename.get(k, k): v.value for k, v in trainable.items()}
+    out = torch_layer_results(y, x, case.dy, leaves)
+    out["lora_A"], out["lora_B"] = out["lora_A"].T, out["lora_B"].T  # (r, in), (out, r)
+    if "bias" in out and not case.bias_trainable:
+        out.pop("bias")  # its gradient is not asked for; that it trains shows in ``trainable``
+    out["trainable"] = np.array(sorted(leaves), dtype=str)
+    return out
+
+
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model level: keras-hub GPT2Backbone + GPT2CausalLM
+# ---------------------------------------------------------------------------------------------
+
+
+def _targets(case: ModelCase) -> tuple[list[str], dict]:
+    from reflora.targets import plan_lora
+
+    refuse_unsupported_model(case, capabilities, name)
+    lora = case.lora
+    if isinstance(lora.target_modules, str):
+        raise NotSupported(f"{name}: {capabilities.notes['target_modules_regex']}")
+    if lora.lora_alpha != lora.r:
+        raise NotSupported(f"{name}: GPT2Backbone.enable_lora(rank) takes no alpha: scaling 1 (lora_alpha == r) only")
+    if case.config.n_inner is not None and case.config.n_inner != 4 * case.config.n_embd:
+        raise NotSupported(f"{name}: keras-hub's GPT-2 converter uses intermediate_dim = 4·n_embd")
+    plan = plan_lora(case.config, lora)
+    kinds_by_layer: dict[int, set[str]] = {}
+    for module in plan.values():
+        kinds_by_layer.setdefault(module.layer, set()).add(module.kind)
+    kinds = set().union(*kinds_by_layer.values())
+    if any(k != kinds for k in kinds_by_layer.values()) or len(kinds_by_layer) != case.config.n_layer:
+        raise NotSupported(f"{name}: {capabilities.notes['layers_to_transform']}")
+    if "attn.c_attn" in kinds:
+        raise NotSupported(f"{name}: c_attn: {capabilities.notes['per_slice_qkv']}")
+    names = [KIND_TO_KERAS[k] for k in sorted(kinds)]
+    return names, plan
+
+
+def _build_model(case: ModelCase, folder: Path):
+    import json
+
+    from keras_hub.models import GPT2Backbone, GPT2CausalLM
+    from keras_hub.src.utils.transformers import convert_gpt2
+    from keras_hub.src.utils.transformers.safetensor_utils import SafetensorLoader
+    from safetensors.numpy import save_file
+
+    keras = _keras()
+    target_names, plan = _targets(case)
+    config = case.config
+    hf_config = {**config.to_dict(), "model_type": "gpt2", "resid_pdrop": 0.0}
+    backbone = GPT2Backbone(**{**convert_gpt2.convert_backbone_config(hf_config)}, dtype=case.dtype)
+    # keras-hub's own HF -> Keras mapping, reading the case's tensors as HF would have saved them
+    save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in case.params.items()},
+              str(folder / "model.safetensors"))  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    with SafetensorLoader(str(folder)) as loader:
+        convert_gpt2.convert_weights(backbone, loader, hf_config)
+    backbone.enable_lora(case.lora.r, target_layer_names=target_names)
+    live = {}  # reflora key -> (keras variable, to-keras function, from-keras function)
+    c, r, heads = config.n_embd, case.lora.r, config.n_head
+    for module in plan.values():
+        block = backbone.transformer_layers[module.layer]
+        for branch in module.branches:
+            if module.kind == "attn.c_proj":
+                layer = block._self_attention_layer._output_dense
+                a_to = lambda A: A.T.reshape(heads, c // heads, r)  # noqa: E731  (r, C) -> (heads, head_dim, r)
+                a_from = lambda g: g.reshape(c, r).T  # noqa: E731
+            else:
+                layer = getattr(block, "_feedforward_intermediate_dense" if module.kind == "mlp.c_fc"
+                                else "_feedforward_output_dense")  # fmt: skip
+                a_to = lambda A: A.T  # noqa: E731
+                a_from = lambda g: g.T  # noqa: E731
+            _assign(layer.lora_kernel_a, a_to(case.adapter[branch.a_key]))
+            _assign(layer.lora_kernel_b, case.adapter[branch.b_key].T)  # (r, out)
+            live[branch.a_key] = (layer.lora_kernel_a, a_from)
+            live[branch.b_key] = (layer.lora_kernel_b, lambda g: g.T)
+    del keras
+    return GPT2CausalLM(backbone=backbone, preprocessor=None), backbone, live
+
+
+def model_forward_backward(case: ModelCase) -> dict:
+    import tempfile
+
+    import torch
+
+    from conformance.drivers.peft_bridge import hf_causal_lm_loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        causal_lm, backbone, live = _build_model(case, Path(tmp))
+    ids = torch.from_numpy(np.asarray(case.input_ids, dtype=np.int32))
+    mask = np.ones_like(case.input_ids) if case.attention_mask is None else case.attention_mask
+    logits = causal_lm({"token_ids": ids, "padding_mask": torch.from_numpy(np.asarray(mask, dtype=np.int32))},
+                       training=False)  # fmt: skip
+    out: dict = {"logits": to_numpy(logits), "loss": None, "grads": {}, "trainable": {}}
+    if case.labels is not None:
+        loss = hf_causal_lm_loss(logits, torch.from_numpy(np.asarray(case.labels, dtype=np.int64)))
+        out["loss"] = np.asarray(loss.item())
+        objective = loss
+    else:
+        objective = (logits * to_torch(case.dlogits, case.dtype)).sum()
+    trainable = {v.path: v for v in backbone.trainable_weights}
+    grads = torch.autograd.grad(objective, [v.value for v in trainable.values()], allow_unused=True)
+    grad_of = {id(v): g for v, g in zip(trainable.values(), grads)}
+    mapped = set()
+    for key, (variable, from_keras) in live.items():
+        grad = grad_of.get(id(variable))
+        if grad is None and variable.path not in trainable:
+            continue
+        out["grads"][key] = from_keras(to_numpy(grad if grad is not None else torch.zeros_like(variable.value)))
+        out["trainable"][key] = int(np.prod(variable.shape))
+        mapped.add(variable.path)
+    for path in set(trainable) - mapped:  # what else the library trains, under its own name
+        out["trainable"][path] = int(np.prod(trainable[path].shape))
+    return out
+
+
+def save_adapter(case: ModelCase, folder: Path) -> None:
+    raise NotSupported(f"{name}: {capabilities.notes['adapter_files']}")
+
+
+def load_adapter_logits(case: ModelCase, folder: Path) -> np.ndarray:
+    raise NotSupported(f"{name}: {capabilities.notes['adapter_files']}")

@@ -1,0 +1,285 @@
+"""Driver for Apple's mlx-lm 0.32.2 on MLX 0.32.4 (the CPU build on Linux): layer level and GPT-2 model level.
+
+Mapping (mlx_lm/tuner/lora.py, mlx_lm/tuner/utils.py, mlx_lm/models/gpt2.py):
+
+* ``LoRALinear.from_base(nn.Linear, r, dropout, scale)``: ``y = linear(x) + (scale · (dropout(x) @ lora_a) @ lora_b)``
+  with ``lora_a`` (in, r) = Aᵀ and ``lora_b`` (r, out) = Bᵀ; the base ``nn.Linear`` stores weight (out, in).
+* ``scale`` is an *absolute* multiplier (mlx-lm's LoRA config takes ``scale``, and refuses ``alpha``): the driver
+  passes the reference's ``lora_alpha / r``. rsLoRA has no switch of its own (it would be another number passed
+  the same way), so it is not claimed.
+* LoRA dropout: ``LoRALinear.dropout`` (``nn.Dropout``) acts on the input x; the driver puts a module computing
+  ``x ⊙ M / (1 − p)`` with the reference's mask in its place (frozen, so it is not a trainable parameter).
+* trainable: mlx-lm's fine-tuning recipe, ``model.freeze()`` then ``linear_to_lora_layers`` (the LoRA tensors are
+  what ``trainable_parameters()`` then holds); gradients by ``mx.grad`` / ``nn.value_and_grad``.
+* model level: mlx-lm's own ``gpt2.Model``, loaded from HF-named tensors with its own ``sanitize`` (which
+  transposes the Conv1D weights) and ``load_weights``; ``linear_to_lora_layers(model, num_layers, {"rank",
+  "scale", "dropout", "keys"})`` with keys ``attn.c_attn`` / ``attn.c_proj`` / ``mlp.c_fc`` / ``mlp.c_proj``
+  applied to the last ``num_layers`` blocks. Its GPT-2 takes neither an attention mask nor position ids.
+  The loss is HF's shifted cross-entropy (ignore -100, mean), written here in MLX ops.
+* merge: ``LoRALinear.fuse()`` returns a new fused ``nn.Linear``; there is no unmerge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conformance.drivers._ecosystem import refuse_unsupported, refuse_unsupported_model, scaling_of
+from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+
+name = "mlx-lm"
+capabilities = Capabilities(
+    layer_layouts=frozenset({"linear"}),
+    model_level=True,
+    lora_alpha=True,
+    rslora=False,
+    dropout_mask_injection=True,
+    bias_modes=frozenset({"none"}),
+    per_slice_qkv=False,
+    dtypes=frozenset({"float64", "float32", "bfloat16"}),
+    target_modules_list=True,
+    target_modules_regex=False,
+    layers_to_transform=False,
+    rank_alpha_pattern=False,
+    position_ids=False,
+    padding=False,
+    merge=False,
+    adapter_files=False,
+    notes={
+        "lora_alpha": "mapped: mlx-lm's scale is an absolute multiplier, the driver passes lora_alpha / r",
+        "rslora": "no rsLoRA switch: scale is one absolute number",
+        "layer_layouts": "nn.Linear stores weight (out, in) only",
+        "per_slice_qkv": "LoRALinear adapts a whole matrix",
+        "bias_modes": "mlx-lm's LoRA fine-tuning trains only lora_a / lora_b",
+        "target_modules_list": "as linear_to_lora_layers keys (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), "
+        "the same keys in every adapted block",
+        "target_modules_regex": "keys are module paths inside a block, not patterns",
+        "layers_to_transform": "num_layers adapts the last N blocks only",
+        "rank_alpha_pattern": "one rank and scale for every layer",
+        "position_ids": "mlx-lm's GPT-2 computes arange(T) positions itself",
+        "padding": "mlx-lm's GPT-2 takes no attention mask (causal only)",
+        "merge": "LoRALinear.fuse() returns a fused copy; there is no unmerge",
+        "adapter_files": "mlx-lm saves adapters.safetensors with its own names (lora_a (in, r)), not PEFT's format",
+    },
+)
+
+MLX_DTYPES = ("float64", "float32", "bfloat16")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"candidate": f"mlx-lm {version('mlx-lm')}", "framework": f"mlx {version('mlx')}"}
+
+
+def _mx(array: np.ndarray, dtype: str):
+    import mlx.core as mx
+
+    # the dtype goes to mx.array itself: without it, float64 NumPy data is first rounded to float32
+    return mx.array(np.asarray(array, dtype=np.float64), dtype=getattr(mx, dtype))
+
+
+def _np(array) -> np.ndarray:
+    import mlx.core as mx
+
+    if array.dtype == mx.bfloat16:  # NumPy has no bfloat16: widen exactly first
+        array = array.astype(mx.float32)
+    return np.array(array).astype(np.float64)
+
+
+def _mask_dropout(mask: np.ndarray, p: float, dtype: str):
+    """An mlx module computing ``x ⊙ M / (1 − p)``: what ``nn.Dropout`` computes for the mask it draws."""
+    import mlx.nn as nn
+
+    class MaskDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.keep = _mx(mask, dtype)
+
+        def __call__(self, x):
+            return x * self.keep.astype(x.dtype) * (1.0 / (1.0 - p))
+
+    module = MaskDropout()
+    module.freeze()
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# layer level
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_layer(case: LayerCase):
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    out_f, in_f = case.weight.shape
+    linear = nn.Linear(in_f, out_f, bias=case.bias is not None)
+    linear.weight = _mx(case.weight, case.dtype)  # (out, in)
+    if case.bias is not None:
+        linear.bias = _mx(case.bias, case.dtype)
+    linear.freeze()  # mlx-lm freezes the model before converting layers to LoRA
+    layer = LoRALinear.from_base(linear, r=case.r, dropout=case.lora_dropout, scale=scaling_of(case))
+    layer.lora_a = _mx(case.lora_A[None].T, case.dtype)  # (in, r)
+    layer.lora_b = _mx(case.lora_B[None].T, case.dtype)  # (r, out)
+    return layer
+
+
+def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build_layer(case)
+    if case.keep_mask is not None and case.lora_dropout > 0:
+        layer.dropout = _mask_dropout(case.keep_mask, case.lora_dropout, case.dtype)
+        layer.train()
+    else:
+        layer.eval()
+    x, dy = _mx(case.x, case.dtype), _mx(case.dy, case.dtype)
+
+    def objective(trainable, x):
+        layer.update(trainable)
+        return (layer(x) * dy).sum()
+
+    trainable = layer.trainable_parameters()
+    y = layer(x)
+    grads, dx = mx.grad(objective, argnums=(0, 1))(trainable, x)
+    flat = dict(tree_flatten(grads))
+    out = {"y": _np(y), "dx": _np(dx)}
+    if "lora_a" in flat:
+        out["lora_A"] = _np(flat["lora_a"]).T  # (r, in)
+    if "lora_b" in flat:
+        out["lora_B"] = _np(flat["lora_b"]).T  # (out, r)
+    if "linear.bias" in flat:
+        out["bias"] = _np(flat["linear.bias"])
+    rename = {"lora_a": "lora_A", "lora_b": "lora_B", "linear.weight": "weight", "linear.bias": "bias"}
+    out["trainable"] = np.array(sorted(rename.get(k, k) for k in flat), dtype=str)
+    return out
+
+
+def merge_only(case: LayerCase) -> dict[str, np.ndarray]:
+    """``fuse()``'s fused layer: ``merged_weight`` (out, in) and ``merged_y``. Not ``layer_merge``: no unmerge."""
+    refuse_unsupported(case, capabilities, name)
+    fused = _build_layer(case).fuse()
+    return {"merged_weight": _np(fused.weight), "merged_y": _np(fused(_mx(case.x, case.dtype)))}
+
+
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model level: mlx-lm's gpt2.Model
+# ---------------------------------------------------------------------------------------------
+
+
+def _lora_keys(case: ModelCase) -> tuple[list[str], int, dict]:
+    """The ``keys`` and ``num_layers`` of linear_to_lora_layers for the case, or NotSupported."""
+    from reflora.targets import plan_lora
+
+    refuse_unsupported_model(case, capabilities, name)
+    lora = case.lora
+    if isinstance(lora.target_modules, str):
+        raise NotSupported(f"{name}: {capabilities.notes['target_modules_regex']}")
+    if lora.qkv_slices is not None:
+        raise NotSupported(f"{name}: {capabilities.notes['per_slice_qkv']}")
+    if case.config.n_inner is not None and case.config.n_inner != 4 * case.config.n_embd:
+        raise NotSupported(f"{name}: mlx-lm's GPT-2 MLP is always 4·n_embd wide (n_inner is ignored)")
+    plan = plan_lora(case.config, lora)
+    kinds_by_layer: dict[int, set[str]] = {}
+    for module in plan.values():
+        kinds_by_layer.setdefault(module.layer, set()).add(module.kind)
+    kinds = set().union(*kinds_by_layer.values())
+    if any(k != kinds for k in kinds_by_layer.values()) or len(kinds_by_layer) != case.config.n_layer:
+        raise NotSupported(f"{name}: {capabilities.notes['target_modules_list']}")
+    return sorted(kinds), case.config.n_layer, plan
+
+
+def _build_model(case: ModelCase):
+    import mlx.core as mx
+    from mlx_lm.models.gpt2 import Model, ModelArgs
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    keys, num_layers, plan = _lora_keys(case)
+    config = case.config
+    args = ModelArgs(model_type="gpt2", n_ctx=config.n_positions, n_embd=config.n_embd, n_head=config.n_head,
+                     n_layer=config.n_layer, n_positions=config.n_positions,
+                     layer_norm_epsilon=config.layer_norm_epsilon, vocab_size=config.vocab_size)  # fmt: skip
+    model = Model(args)
+    # mlx-lm's own loading path: HF names without "transformer.", then sanitize (transposes Conv1D weights)
+    hf = {key.removeprefix("transformer."): _mx(value, case.dtype) for key, value in case.params.items()}
+    model.load_weights(list(model.sanitize(hf).items()), strict=True)
+    model.freeze()
+    scale = case.lora.lora_alpha / case.lora.r
+    linear_to_lora_layers(model, num_layers, {"rank": case.lora.r, "scale": scale, "dropout": case.lora.lora_dropout,
+                                              "keys": keys})  # fmt: skip
+    blocks = model.model.h
+    live = {}  # mlx parameter path -> (reflora key, transpose)
+    for module_name, module in plan.items():
+        layer = blocks[module.layer]
+        owner, attr = module.kind.split(".")
+        lora_layer = getattr(getattr(layer, owner), attr)
+        branch = module.branches[0]
+        lora_layer.lora_a = _mx(case.adapter[branch.a_key].T, case.dtype)  # (in, r)
+        lora_layer.lora_b = _mx(case.adapter[branch.b_key].T, case.dtype)  # (r, out)
+        path = f"model.h.{module.layer}.{module.kind}"
+        live[f"{path}.lora_a"] = branch.a_key
+        live[f"{path}.lora_b"] = branch.b_key
+        if case.dropout_masks and case.lora.lora_dropout > 0:
+            lora_layer.dropout = _mask_dropout(case.dropout_masks[module_name], case.lora.lora_dropout, case.dtype)
+    mx.eval(model.parameters())
+    return model, live
+
+
+def _hf_causal_lm_loss(logits, labels):
+    """HF's shifted causal cross-entropy: predict token t+1 from position t, ignore -100, mean over the rest."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    shifted, targets = logits[:, :-1, :], labels[:, 1:]
+    counted = targets != -100
+    per_token = nn.losses.cross_entropy(shifted, mx.where(counted, targets, 0), reduction="none")
+    return (per_token * counted).sum() / counted.sum()
+
+
+def model_forward_backward(case: ModelCase) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model, live = _build_model(case)
+    model.train(bool(case.dropout_masks) and case.lora.lora_dropout > 0)
+    ids = mx.array(np.asarray(case.input_ids, dtype=np.int32))
+    if case.labels is not None:
+        labels = mx.array(np.asarray(case.labels, dtype=np.int32))
+
+        def objective(model):
+            logits = model(ids)
+            return _hf_causal_lm_loss(logits, labels), logits
+    else:
+        dlogits = _mx(case.dlogits, case.dtype)
+
+        def objective(model):
+            logits = model(ids)
+            return (logits * dlogits).sum(), logits
+
+    (value, logits), grads = nn.value_and_grad(model, objective)(model)
+    out = {"logits": _np(logits), "loss": _np(value) if case.labels is not None else None, "grads": {}, "trainable": {}}
+    for path, grad in tree_flatten(grads):
+        key = live.get(path)
+        if key is None:  # something else the library trains: reported under its own name
+            out["trainable"][path] = int(grad.size)
+            continue
+        out["grads"][key] = _np(grad).T
+        out["trainable"][key] = int(grad.size)
+    return out
+
+
+def save_adapter(case: ModelCase, folder: Path) -> None:
+    raise NotSupported(f"{name}: {capabilities.notes['adapter_files']}")
+
+
+def load_adapter_logits(case: ModelCase, folder: Path) -> np.ndarray:
+    raise NotSupported(f"{name}: {capabilities.notes['adapter_files']}")

@@ -1,0 +1,242 @@
+"""The ``peft`` driver: Hugging Face PEFT's LoRA on torch, on the CPU.
+
+* Layer level: PEFT's ``lora.Linear`` around an ``nn.Linear`` (linear layout) or around transformers'
+  ``Conv1D`` (conv1d layout; PEFT sets ``fan_in_fan_out=True`` for it). The layer is wrapped in a one-module
+  holder and adapted with PEFT's public ``inject_adapter_in_model``, so PEFT itself decides what trains (its
+  ``bias`` modes included): the driver reports what PEFT marks ``requires_grad``.
+* Model level: transformers ``GPT2LMHeadModel`` + ``get_peft_model`` (see ``peft_bridge``), adapter files
+  with ``save_pretrained`` / ``PeftModel.from_pretrained``, adapters switched with ``add_adapter`` /
+  ``set_adapter``.
+* Dropout: PEFT's ``lora_dropout['default']`` module (an ``nn.Dropout``) is replaced by one that applies the
+  reference's keep-mask with the same 1/(1 − p) scaling ``nn.Dropout`` uses: the mask is injected, the math
+  stays PEFT's (where the dropout sits and what it touches).
+* Not supported: per-slice q/k/v LoRA (PEFT adapts a whole fused ``c_attn`` with one A and one B).
+* Loss: HF's causal LM loss formula computed in the logits' dtype (``peft_bridge.hf_causal_lm_loss``);
+  in bfloat16, as transformers does, in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import peft
+    import torch
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"the peft driver needs torch, transformers and peft ({exc}); install them with "
+        "pip install 'reflora[peft]' -c constraints.txt"
+    ) from exc
+
+from conformance.drivers import peft_bridge as bridge
+from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+
+PER_SLICE_NOTE = (
+    "PEFT has no per-slice q/k/v LoRA: on a fused c_attn it adapts the whole (in, 3·n_embd) projection with one "
+    "A and one B (loralib's MergedLinear(enable_lora=[...]) has no PEFT equivalent)"
+)
+
+
+class _Holder(torch.nn.Module):
+    """A model with one module, ``layer``, for PEFT's injection at layer level."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+
+def _t(array, dtype: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, dtype=np.float64)).to(bridge.TORCH_DTYPES[dtype])
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float64).numpy().copy()  # a copy: a float64 tensor would share memory
+
+
+# layer-level parameter names (inside the holder) -> protocol result names
+_LAYER_NAMES = {
+    "layer.lora_A.default.weight": "lora_A",
+    "layer.lora_B.default.weight": "lora_B",
+    "layer.base_layer.bias": "bias",
+    "layer.base_layer.weight": "weight",
+}
+
+
+class PeftDriver:
+    name = "peft"
+    capabilities = Capabilities(
+        layer_layouts=frozenset({"linear", "conv1d"}),
+        model_level=True,
+        rslora=True,
+        dropout_mask_injection=True,
+        bias_modes=frozenset({"none", "all", "lora_only"}),
+        per_slice_qkv=False,
+        dtypes=frozenset({"float64", "float32", "bfloat16"}),
+        target_modules_list=True,
+        target_modules_regex=True,
+        layers_to_transform=True,
+        rank_alpha_pattern=True,
+        position_ids=True,
+        padding=True,
+        merge=True,
+        adapter_files=True,
+        adapter_switching=True,
+        notes={
+            "per_slice_qkv": PER_SLICE_NOTE,
+            "dropout_mask_injection": "lora_dropout['default'] is replaced by x·mask/(1 − p), what nn.Dropout "
+            "computes for that mask",
+        },
+    )
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "candidate": f"peft {peft.__version__}",
+            "framework": f"torch {torch.__version__}",
+            "transformers": transformers.__version__,
+        }
+
+    # ------------------------------------------------------------------ layer level
+
+    def _layer(self, case: LayerCase) -> _Holder:
+        if case.qkv_slices:
+            raise NotSupported(PER_SLICE_NOTE)
+        dtype = bridge.TORCH_DTYPES[case.dtype]
+        in_f, out_f = case.x.shape[-1], case.dy.shape[-1]
+        if case.layout == "linear":
+            base = torch.nn.Linear(in_f, out_f, bias=case.bias is not None)
+        else:
+            if case.bias is None:
+                raise NotSupported("transformers' Conv1D always has a bias")
+            base = Conv1D(out_f, in_f)  # weight (in, out)
+        base.to(dtype)  # before copying: float64 values must not pass through float32 parameters
+        with torch.no_grad():
+            base.weight.copy_(torch.from_numpy(case.weight))
+            if case.bias is not None:
+                base.bias.copy_(torch.from_numpy(case.bias))
+        holder = _Holder(base).to(dtype)
+        bias_mode = "lora_only" if case.bias_trainable else "none"
+        config = PeftLoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=case.lora_dropout,
+                                use_rslora=case.use_rslora, bias=bias_mode, target_modules=["layer"],
+                                fan_in_fan_out=case.layout == "conv1d")  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            holder = inject_adapter_in_model(config, holder)
+        holder.to(dtype)
+        layer = holder.layer
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(case.lora_A[None]))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(case.lora_B[None]))
+        if case.keep_mask is not None:
+            layer.lora_dropout["default"] = bridge.MaskDropout(_t(case.keep_mask, case.dtype), case.lora_dropout)
+            holder.train()
+        else:
+            holder.eval()
+        return holder
+
+    def layer_forward_backward(self, case: LayerCase) -> dict:
+        holder = self._layer(case)
+        trainable = {name: p for name, p in holder.named_parameters() if p.requires_grad}
+        x = _t(case.x, case.dtype).requires_grad_(True)
+        y = holder.layer(x)
+        grads = torch.autograd.grad((y * _t(case.dy, case.dtype)).sum(), [x, *trainable.values()], allow_unused=True)
+        out = {"y": _np(y), "dx": _np(grads[0])}
+        for name, grad in zip(trainable, grads[1:], strict=True):
+            out[_LAYER_NAMES.get(name, name)] = _np(grad) if grad is not None else np.zeros(trainable[name].shape)
+        out["trainable"] = np.array([_LAYER_NAMES.get(name, name) for name in trainable])
+        return out
+
+    def layer_merge(self, case: LayerCase) -> dict:
+        holder = self._layer(case)
+        layer = holder.layer
+        with torch.no_grad():
+            layer.merge()
+            merged_weight = _np(layer.base_layer.weight)
+            merged_y = _np(layer(_t(case.x, case.dtype)))
+            layer.unmerge()
+            unmerged_weight = _np(layer.base_layer.weight)
+        return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": unmerged_weight}
+
+    # ------------------------------------------------------------------ model level
+
+    def _model(self, case: ModelCase):
+        if case.lora.qkv_slices is not None:
+            raise NotSupported(PER_SLICE_NOTE)
+        model = bridge.build_peft_model(case.config, case.params, case.lora, case.adapter, case.dtype)
+        if case.dropout_masks:
+            bridge.inject_dropout_masks(model, case.dropout_masks, case.lora.lora_dropout, case.dtype)
+        else:
+            model.eval()
+        return model
+
+    def _inputs(self, case: ModelCase) -> dict:
+        kwargs = {"input_ids": torch.from_numpy(np.asarray(case.input_ids, dtype=np.int64))}
+        if case.attention_mask is not None:
+            kwargs["attention_mask"] = torch.from_numpy(np.asarray(case.attention_mask, dtype=np.int64))
+        if case.position_ids is not None:
+            kwargs["position_ids"] = torch.from_numpy(np.asarray(case.position_ids, dtype=np.int64))
+        return kwargs
+
+    def model_forward_backward(self, case: ModelCase) -> dict:
+        model = self._model(case)
+        trainable = bridge.trainable_parameters(model)
+        logits = model(**self._inputs(case)).logits
+        out: dict = {"logits": _np(logits)}
+        if case.labels is not None:
+            loss_logits = logits.float() if case.dtype == "bfloat16" else logits
+            objective = bridge.hf_causal_lm_loss(loss_logits, torch.from_numpy(np.asarray(case.labels, dtype=np.int64)))
+            out["loss"] = _np(objective)
+        else:
+            objective = (logits * _t(case.dlogits, case.dtype)).sum()
+        grads = torch.autograd.grad(objective, list(trainable.values()), allow_unused=True)
+        out["grads"] = {
+            key: _np(g) if g is not None else np.zeros(tuple(p.shape))
+            for (key, p), g in zip(trainable.items(), grads, strict=True)
+        }
+        out["trainable"] = {key: int(p.numel()) for key, p in trainable.items()}
+        return out
+
+    def save_adapter(self, case: ModelCase, folder: Path) -> None:
+        model = self._model(case)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no base model on the hub to record
+            model.save_pretrained(str(folder))
+
+    def load_adapter_logits(self, case: ModelCase, folder: Path) -> np.ndarray:
+        base = bridge.build_hf_model(case.config, case.params, case.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(base, str(folder))
+        model.eval()
+        with torch.no_grad():
+            return _np(model(**self._inputs(case)).logits)
+
+    def model_switch_adapters(self, case: ModelCase) -> dict:
+        model = self._model(case)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_adapter("second", PeftLoraConfig(**case.second_lora.to_peft_dict()))
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in case.second_adapter.items():
+                head, _, tail = key.rpartition(".")
+                named[f"{head}.second.{tail}"].copy_(torch.from_numpy(value))
+        model.to(bridge.TORCH_DTYPES[case.dtype])
+        inputs = self._inputs(case)
+        with torch.no_grad():
+            first = _np(model(**inputs).logits)
+            model.set_adapter("second")
+            second = _np(model(**inputs).logits)
+            model.set_adapter("default")
+            first_again = _np(model(**inputs).logits)
+        return {"first": first, "second": second, "first_again": first_again}
+
+
+driver = PeftDriver()

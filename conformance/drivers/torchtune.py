@@ -1,0 +1,143 @@
+"""Driver for torchtune 0.6.1 (``torchtune.modules.peft.LoRALinear``): layer level.
+
+Mapping (torchtune/modules/peft/lora.py):
+
+* ``LoRALinear(in_dim, out_dim, rank, alpha, dropout, use_bias)``: ``weight`` (out, in) like ``nn.Linear``,
+  ``lora_a.weight`` (r, in) = A, ``lora_b.weight`` (out, r) = B, scaling ``alpha / rank``. Layout "linear" only:
+  torchtune has no (in, out) weight layout.
+* LoRA dropout: ``self.dropout`` (``nn.Dropout`` when p > 0) on the LoRA branch's input; the driver puts a
+  module computing ``x ⊙ M / (1 − p)`` with the reference's mask in its place.
+* trainable: ``set_trainable_params(model, get_adapter_params(model))`` as torchtune's LoRA recipes do. The
+  adapter parameters are ``lora_a.weight`` and ``lora_b.weight`` only: torchtune never trains a base bias.
+* merge: ``get_merged_lora_ckpt`` folds LoRA into a *state dict* for export; there is no unmerge, so the
+  layer-level merge/unmerge capability is not claimed.
+
+``dora_forward_backward`` drives ``DoRALinear`` the same way (there is no DoRA in the protocol or the reference;
+the harness in tests/test_drivers_ecosystem.py checks it against the DoRA paper's closed form).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conformance.drivers._ecosystem import (
+    keep_mask_dropout,
+    refuse_unsupported,
+    to_torch,
+    torch_layer_results,
+    trainable_names,
+)
+from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+
+name = "torchtune"
+capabilities = Capabilities(
+    layer_layouts=frozenset({"linear"}),
+    model_level=False,
+    lora_alpha=True,
+    rslora=False,
+    dropout_mask_injection=True,
+    bias_modes=frozenset({"none"}),
+    per_slice_qkv=False,
+    dtypes=frozenset({"float64", "float32", "bfloat16"}),
+    merge=False,
+    notes={
+        "model_level": "torchtune has no GPT-2 builder (its models are Llama-style, with separate q/k/v projections)",
+        "layer_layouts": "LoRALinear stores weight as (out, in) only",
+        "rslora": "LoRALinear scales by alpha / rank only",
+        "per_slice_qkv": "torchtune's attention has separate q/k/v projections, each a LoRALinear",
+        "bias_modes": "get_adapter_params returns lora_a / lora_b (and DoRA's magnitude): a base bias is never trained",
+        "merge": "get_merged_lora_ckpt merges a state dict for export; there is no unmerge",
+    },
+)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "candidate": f"torchtune {version('torchtune')}",
+        "framework": f"torch {version('torch')}",
+        "torchao": version("torchao"),
+    }
+
+
+def _build(case: LayerCase, dora: bool = False):
+    import torch
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    out_f, in_f = case.weight.shape
+    cls = DoRALinear if dora else LoRALinear
+    layer = cls(in_f, out_f, rank=case.r, alpha=case.lora_alpha, dropout=case.lora_dropout,
+                use_bias=case.bias is not None)  # fmt: skip
+    layer = layer.to(to_torch(case.x, case.dtype).dtype)
+    with torch.no_grad():
+        layer.weight.copy_(to_torch(case.weight, case.dtype))
+        if case.bias is not None:
+            layer.bias.copy_(to_torch(case.bias, case.dtype))
+        layer.lora_a.weight.copy_(to_torch(case.lora_A[None], case.dtype))
+        layer.lora_b.weight.copy_(to_torch(case.lora_B[None], case.dtype))
+    return layer
+
+
+def _run(case: LayerCase, layer, extra_leaves: dict) -> dict[str, np.ndarray]:
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    set_trainable_params(layer, get_adapter_params(layer))
+    if case.keep_mask is not None and case.lora_dropout > 0:
+        layer.dropout = keep_mask_dropout(case)
+        layer.train()
+    else:
+        layer.eval()
+    x = to_torch(case.x, case.dtype, requires_grad=True)
+    y = layer(x)
+    leaves = {"lora_A": layer.lora_a.weight, "lora_B": layer.lora_b.weight, **extra_leaves}
+    if layer.bias is not None and layer.bias.requires_grad:
+        leaves["bias"] = layer.bias
+    out = torch_layer_results(y, x, case.dy, leaves)
+    flags = {"lora_A": layer.lora_a.weight.requires_grad, "lora_B": layer.lora_b.weight.requires_grad,
+             "weight": layer.weight.requires_grad, "bias": layer.bias is not None and layer.bias.requires_grad}  # fmt: skip
+    flags.update({k: v.requires_grad for k, v in extra_leaves.items()})
+    out["trainable"] = trainable_names(case, flags)
+    return out
+
+
+def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
+    refuse_unsupported(case, capabilities, name)
+    return _run(case, _build(case), {})
+
+
+def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``DoRALinear`` on the case: ``magnitude`` (out,) is loaded as given, or (None) initialised by torchtune's
+    own ``initialize_dora_magnitude`` (the norm of W + s·B A per output row). Returns the layer-level results
+    plus ``magnitude`` (its gradient) and ``magnitude_init`` (the value used)."""
+    import torch
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build(case, dora=True)
+    with torch.no_grad():
+        if magnitude is None:
+            layer.initialize_dora_magnitude()
+        else:
+            layer.magnitude.copy_(to_torch(magnitude, case.dtype))
+    used = layer.magnitude.detach().to(torch.float64, copy=True).numpy()
+    out = _run(case, layer, {"magnitude": layer.magnitude})
+    out["magnitude_init"] = used
+    return out
+
+
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+
+
+def model_forward_backward(case: ModelCase) -> dict:
+    raise NotSupported(f"{name}: {capabilities.notes['model_level']}")
+
+
+def save_adapter(case: ModelCase, folder: Path) -> None:
+    raise NotSupported(f"{name}: {capabilities.notes['model_level']}")
+
+
+def load_adapter_logits(case: ModelCase, folder: Path) -> np.ndarray:
+    raise NotSupported(f"{name}: {capabilities.notes['model_level']}")

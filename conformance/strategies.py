@@ -1,0 +1,213 @@
+"""Every hypothesis strategy of the suite, in one module. Every draw is labelled.
+
+A test draws a *spec*: a small JSON object (sizes, LoRA settings, dtype and a ``seed``) from which
+``conformance.cases`` builds every array deterministically. The spec is what a failure prints and what
+``--replay`` takes back, so a case is reproduced from its spec alone.
+
+Rules that make a wrong candidate show (see docs/conformance.md):
+
+* shapes are never square: in ≠ out, r ∉ {in, out}, vocab ≠ n_embd... so a transposed tensor cannot pass
+  unnoticed. (GPT-2's own ``attn.c_proj`` is (C, C): there, and in every layer, the random, asymmetric values
+  catch a transposed delta.)
+* B is never zero (``init="test"``), the scaling is never 1 (alpha ≠ r, alpha ≠ √r), rsLoRA draws use r ≥ 2.
+* dtypes: float64 first, then float32, then bfloat16, each only where the candidate declares it.
+* the simplest example (hypothesis tries it first) targets every GPT-2 module kind.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hypothesis import strategies as st
+
+from conformance.features import Feature
+from conformance.protocol import DTYPES, Capabilities
+
+MAX_SEED = 2**32 - 1
+# target_modules spellings (PEFT suffix matching): "c_proj" matches attn.c_proj *and* mlp.c_proj.
+TARGET_SPELLINGS = ("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj", "mlp.c_fc", "attn.c_attn")
+ALL_TARGETS = ("c_attn", "c_proj", "c_fc")  # every Conv1D kind of GPT-2
+KIND_REGEX = {"attn.c_attn": r"attn\.c_attn", "attn.c_proj": r"attn\.c_proj", "mlp.c_fc": r"mlp\.c_fc",
+              "mlp.c_proj": r"mlp\.c_proj"}  # fmt: skip
+DROPOUT_PS = (0.1, 0.25, 0.5, 0.75)
+MODEL_DTYPES = ("float64", "float32")
+MODEL_MAX_ALPHA = 16  # with r = 1 a scaling of 16: larger ones saturate the attention softmaxes (see cases._scaled)
+
+
+def dtypes_for(caps: Capabilities) -> list[str]:
+    return [d for d in DTYPES if d in caps.dtypes]
+
+
+def _dtype(data, caps: Capabilities, allowed: tuple[str, ...] = DTYPES) -> str:
+    return data.draw(st.sampled_from([d for d in dtypes_for(caps) if d in allowed]), label="dtype")
+
+
+def _alpha(data, r: int, rslora: bool, label: str = "lora_alpha", most: int = 48) -> int:
+    """An integer alpha whose scaling is not 1 (a missing scaling must show) for both alpha/r and alpha/√r."""
+    return data.draw(st.integers(1, most).filter(lambda a: a != r and not math.isclose(a, math.sqrt(r))), label=label)
+
+
+def _rank(data, forbidden: set[int], low: int = 1, label: str = "r") -> int:
+    return data.draw(st.integers(low, 6).filter(lambda r: r not in forbidden), label=label)
+
+
+def _seed(data) -> int:
+    return data.draw(st.integers(0, MAX_SEED), label="seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# layer level
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
+    """A single LoRA layer for ``feature`` (variant: forward_backward, rslora, dropout, bias, qkv_slices, merge)."""
+    variant = feature.variant
+    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout, "dtype": _dtype(data, caps)}
+    if variant == "qkv_slices":
+        width = data.draw(st.integers(2, 6), label="slice_width")  # each of q, k, v is `width` outputs
+        out_f = 3 * width
+        in_f = data.draw(st.integers(2, 12).filter(lambda n: n not in (width, out_f)), label="in_features")
+        spec["qkv_slices"] = data.draw(
+            st.lists(st.sampled_from(("q", "k", "v")), min_size=1, max_size=3, unique=True), label="qkv_slices"
+        )
+        forbidden = {in_f, out_f, width}
+    else:
+        in_f = data.draw(st.integers(2, 12), label="in_features")
+        out_f = data.draw(st.integers(2, 12).filter(lambda n: n != in_f), label="out_features")
+        spec["qkv_slices"] = None
+        forbidden = {in_f, out_f}
+    rslora = variant == "rslora"
+    r = _rank(data, forbidden, low=2 if rslora else 1)
+    spec.update(in_features=in_f, out_features=out_f, r=r, lora_alpha=_alpha(data, r, rslora), use_rslora=rslora)
+    if variant == "dropout":
+        spec["lora_dropout"] = data.draw(st.sampled_from(DROPOUT_PS), label="lora_dropout")
+        spec["train_mode"] = data.draw(st.booleans().map(lambda b: not b), label="train_mode")  # train first
+    else:
+        spec["lora_dropout"], spec["train_mode"] = 0.0, False
+    if variant == "bias":
+        modes = [m for m in ("all", "lora_only") if m in caps.bias_modes]
+        spec["bias"] = data.draw(st.sampled_from(modes), label="bias")
+        spec["has_bias"] = True
+    else:
+        spec["bias"] = "none"
+        # GPT-2's Conv1D always has a bias; an nn.Linear may not
+        spec["has_bias"] = feature.layout == "conv1d" or data.draw(st.booleans().map(lambda b: not b), label="has_bias")
+    spec["batch"] = data.draw(st.integers(1, 3), label="batch")
+    spec["seq_len"] = data.draw(st.integers(1, 5), label="seq_len")
+    spec["seed"] = _seed(data)
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# model level
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpt2(data, n_layer_min: int = 1) -> dict[str, Any]:
+    n_head = data.draw(st.integers(1, 3), label="n_head")
+    # n_embd >= 4: a LayerNorm over 2 channels outputs ±1 whatever its input, its gradient is 0 + rounding noise
+    head_dim = data.draw(st.integers(4 if n_head == 1 else 2, 4), label="head_dim")
+    c = n_head * head_dim
+    n_layer = data.draw(st.integers(n_layer_min, max(2, n_layer_min)), label="n_layer")
+    vocab = data.draw(st.integers(11, 40).filter(lambda v: v not in (c, 3 * c, 4 * c)), label="vocab_size")
+    n_inner = data.draw(st.one_of(st.none(), st.integers(2, 20).filter(lambda n: n not in (c, 3 * c, 4 * c))),
+                        label="n_inner")  # fmt: skip
+    n_positions = data.draw(st.integers(8, 16).filter(lambda p: p not in (c, vocab)), label="n_positions")
+    return {"vocab_size": vocab, "n_positions": n_positions, "n_embd": c, "n_layer": n_layer, "n_head": n_head,
+            "n_inner": n_inner}  # fmt: skip
+
+
+def _dims(gpt2: dict[str, Any]) -> set[int]:
+    c = gpt2["n_embd"]
+    inner = gpt2["n_inner"] if gpt2["n_inner"] is not None else 4 * c
+    return {c, 3 * c, inner}
+
+
+def _targets(data, label: str = "target_modules", must: str | None = None) -> list[str]:
+    """A PEFT target list; the simplest draw targets every kind."""
+    drawn = data.draw(
+        st.one_of(st.just(list(ALL_TARGETS)), st.lists(st.sampled_from(TARGET_SPELLINGS), min_size=1, max_size=3, unique=True)),
+        label=label,
+    )
+    if must is not None and not any(t == must or t.endswith("." + must) for t in drawn):
+        drawn = [must, *drawn]
+    return drawn
+
+
+def _lora(data, gpt2: dict[str, Any], *, rslora: bool = False, label: str = "", must: str | None = None) -> dict:
+    r = _rank(data, _dims(gpt2), low=2 if rslora else 1, label=f"{label}r")
+    return {"r": r, "lora_alpha": _alpha(data, r, rslora, label=f"{label}lora_alpha", most=MODEL_MAX_ALPHA),
+            "target_modules": _targets(data, f"{label}target_modules", must), "use_rslora": rslora}  # fmt: skip
+
+
+def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
+    """GPT-2 + LoRA for ``feature``; see ``conformance.cases.build_model_case`` for how the arrays follow."""
+    variant = feature.variant
+    # bfloat16 only at layer level: a bfloat16 GPT-2's LoRA gradients are dominated by rounding (measured relative
+    # errors up to ~0.7 for a correct candidate), so no bound there could tell a bug from rounding.
+    spec: dict[str, Any] = {"feature": feature.id, "dtype": _dtype(data, caps, MODEL_DTYPES)}
+    gpt2 = _gpt2(data, n_layer_min=2 if variant == "layers" else 1)
+    rslora = variant == "rslora"
+    if variant in ("adapter_save", "adapter_load") and caps.rslora:
+        rslora = data.draw(st.booleans(), label="use_rslora")
+    lora = _lora(data, gpt2, rslora=rslora, must="c_attn" if variant == "qkv" else None)
+    lora.update(lora_dropout=0.0, bias="none")
+    if variant == "dropout":
+        lora["lora_dropout"] = data.draw(st.sampled_from(DROPOUT_PS), label="lora_dropout")
+        spec["dropout"] = data.draw(st.sampled_from(("train", "eval")), label="dropout")
+    if variant.startswith("bias:"):
+        lora["bias"] = variant.partition(":")[2]
+    if variant == "regex":
+        kinds = data.draw(st.lists(st.sampled_from(sorted(KIND_REGEX)), min_size=1, unique=True), label="regex_kinds")
+        alternatives = "|".join(KIND_REGEX[k] for k in kinds)
+        layers = data.draw(st.one_of(st.none(), st.lists(st.integers(0, gpt2["n_layer"] - 1), min_size=1, unique=True)),
+                           label="regex_layers")  # fmt: skip
+        layer_part = r".*" if layers is None else r"transformer\.h\.(" + "|".join(map(str, sorted(layers))) + r")"
+        lora["target_modules"] = rf"{layer_part}\.({alternatives})"
+    if variant == "layers":
+        layers = data.draw(st.lists(st.integers(0, gpt2["n_layer"] - 1), min_size=1, max_size=gpt2["n_layer"] - 1,
+                                    unique=True), label="layers_to_transform")  # fmt: skip
+        as_int = len(layers) == 1 and data.draw(st.booleans(), label="layers_to_transform_as_int")
+        lora["layers_to_transform"] = layers[0] if as_int else sorted(layers)
+    if variant == "patterns":
+        kinds = sorted(KIND_REGEX)
+        rank_key = data.draw(st.sampled_from(["c_attn", "c_fc", "mlp.c_proj", "attn.c_proj", "h.0.attn.c_attn"]),
+                             label="rank_pattern_key")  # fmt: skip
+        alpha_key = data.draw(st.sampled_from(["c_proj", "c_attn", "h.0.mlp.c_fc", *kinds[:1]]), label="alpha_pattern_key")
+        rank_value = _rank(data, _dims(gpt2) | {lora["r"]}, label="rank_pattern_value")
+        lora["rank_pattern"] = {rank_key: rank_value}
+        alpha_value = data.draw(st.integers(1, MODEL_MAX_ALPHA).filter(lambda a: a not in (lora["r"], rank_value)),
+                                label="alpha_pattern_value")  # fmt: skip
+        lora["alpha_pattern"] = {alpha_key: alpha_value}
+        lora["target_modules"] = list(ALL_TARGETS)
+    if variant == "qkv":
+        lora["qkv_slices"] = data.draw(st.lists(st.sampled_from(("q", "k", "v")), min_size=1, max_size=3, unique=True),
+                                       label="qkv_slices")  # fmt: skip
+    if variant in ("adapter_save", "adapter_load"):
+        modes = [m for m in ("none", "all", "lora_only") if m in caps.bias_modes]
+        lora["bias"] = data.draw(st.sampled_from(modes), label="bias")
+    if variant == "adapter_switch":
+        spec["second_lora"] = {**_lora(data, gpt2, label="second_"), "lora_dropout": 0.0, "bias": "none"}
+    spec["gpt2"], spec["lora"] = gpt2, lora
+    batch = data.draw(st.integers(1, 3), label="batch")
+    seq_len = data.draw(st.integers(2, min(6, gpt2["n_positions"])), label="seq_len")
+    spec["batch"], spec["seq_len"] = batch, seq_len
+    backward = variant not in ("adapter_save", "adapter_load", "adapter_switch")
+    if backward:
+        spec["objective"] = data.draw(st.sampled_from(("loss", "dlogits")), label="objective")
+    if variant == "padding":
+        spec["padding_side"] = data.draw(st.sampled_from(("left", "right")), label="padding_side")
+        # with a loss, every row keeps two real tokens, so that a label survives the causal shift
+        most = seq_len - 2 if spec["objective"] == "loss" else seq_len - 1
+        spec["pad_lengths"] = data.draw(st.lists(st.integers(0, most), min_size=batch, max_size=batch),
+                                        label="pad_lengths")  # fmt: skip
+    if variant in ("position_ids", "position_ids_no_mask"):
+        # "offset": consecutive positions from a per-row start; "random": any positions in [0, n_positions)
+        spec["position_ids"] = data.draw(st.sampled_from(("offset", "random")), label="position_ids")
+        spec["attention_mask"] = "ones" if variant == "position_ids" else "none"
+    if backward and spec["objective"] == "loss":
+        spec["ignored_labels"] = data.draw(st.integers(0, batch * (seq_len - 1) - 1), label="ignored_labels")
+    spec["seed"] = _seed(data)
+    return spec

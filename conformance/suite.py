@@ -1,0 +1,200 @@
+"""A conformance run: the candidate, its runner, the profile, the known deviations, and what each test found.
+
+The pytest plugin makes one ``Suite`` per session (``--candidate``); the tests in ``conformance/test_*.py``
+call ``suite.run_feature``. Each test records its examples, its worst comparison and its first failure, which
+``conformance.report`` turns into the table and the JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conformance.checks import CheckResult, run_check
+from conformance.deviations import Deviation, load_deviations, match
+from conformance.features import FEATURES, Feature, missing_capability
+from conformance.profiles import PROFILES
+from conformance.runner import capabilities_from_json, make_runner
+from conformance.strategies import draw_layer_spec, draw_model_spec
+from conformance.tolerance import Comparison
+
+NOT_SUPPORTED = "not supported: "
+
+
+class ConformanceFailure(AssertionError):
+    """A candidate's result disagrees with the reference (hypothesis may shrink it)."""
+
+
+class CandidateBroke(BaseException):
+    """The candidate crashed or hung. A BaseException, so that hypothesis re-raises it at once instead of
+    retrying (each retry would cost a worker restart or a full timeout); pytest reports it as a failure."""
+
+
+@dataclass
+class TestRecord:
+    test_id: str
+    feature: str
+    nodeid: str = ""
+    examples: int = 0
+    worst: Comparison | None = None
+    worst_dtype: str | None = None
+    failure: str | None = None  # the report of the first failing check
+    outcome: str = "not run"  # passed, failed, known_deviation, not_supported, skipped, error
+    reason: str | None = None  # not supported / skipped reason, or the deviation's reason
+    deviation: Deviation | None = None
+    duration: float = 0.0
+
+    def add(self, result: CheckResult, candidate: str) -> None:
+        self.examples += 1
+        worst = result.worst()
+        if worst is not None and (self.worst is None or worst.ratio > self.worst.ratio):
+            self.worst, self.worst_dtype = worst, result.spec.get("dtype")
+        if not result.passed and self.failure is None:
+            self.failure = result.report(candidate)
+
+
+@dataclass
+class Suite:
+    candidate: str
+    profile: str = "ci"
+    isolation: str = "subprocess"
+    timeout: float = 60.0
+    max_examples: int | None = None
+    deviations_path: str | None = None
+    golden_dir: str | None = None
+    records: dict[str, TestRecord] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def start(self) -> None:
+        """Load the driver (in the worker, by default) and the deviations; raises DriverLoadError/DeviationsError."""
+        self.runner = make_runner(self.candidate, self.isolation, self.timeout)
+        self.info = self.runner.info
+        self.capabilities = capabilities_from_json(self.info["capabilities"])
+        self.deviations_path = self.deviations_path or self.info.get("deviations")
+        self.deviations = load_deviations(self.deviations_path)
+
+    def close(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
+
+    def settings_summary(self) -> dict[str, Any]:
+        profile = PROFILES[self.profile]
+        from conformance import tolerance
+
+        return {
+            "profile": self.profile,
+            "examples": {"layer": profile.examples("layer", self.max_examples),
+                         "model": profile.examples("model", self.max_examples)},
+            "derandomize": profile.derandomize,
+            "shrink": profile.shrink,
+            "isolation": self.isolation,
+            "timeout_s": self.timeout,
+            "deviations_file": self.deviations_path,
+            "golden_dir": self.golden_dir,
+            "tolerance": {"factor": dict(tolerance.FACTOR), "floor": tolerance.FLOOR,
+                          "plain_samples": tolerance.PLAIN_SAMPLES},
+        }  # fmt: skip
+
+    def record(self, test_id: str, feature: str, nodeid: str = "") -> TestRecord:
+        if test_id not in self.records:
+            self.records[test_id] = TestRecord(test_id, feature, nodeid)
+        return self.records[test_id]
+
+    def deviation_for(self, test_id: str) -> Deviation | None:
+        return match(self.deviations, test_id)
+
+    # ------------------------------------------------------------------ running
+
+    def require(self, needs) -> None:
+        reason = missing_capability(self.capabilities, tuple(needs))
+        if reason is not None:
+            pytest.skip(NOT_SUPPORTED + reason)
+
+    def check(self, spec: dict[str, Any], record: TestRecord) -> None:
+        result = run_check(spec, self.runner.call)
+        record.add(result, self.candidate)
+        if result.broke:
+            raise CandidateBroke(result.report(self.candidate))
+        if not result.passed:
+            raise ConformanceFailure(result.report(self.candidate))
+
+    def run_feature(self, feature: Feature, record: TestRecord) -> None:
+        """Check the capabilities, then run the feature's property test with the profile's settings."""
+        self.require(feature.needs)
+        draw = draw_layer_spec if feature.level == "layer" else draw_model_spec
+        capabilities = self.capabilities
+
+        def property_test(data):
+            self.check(draw(data, feature, capabilities), record)
+
+        # derandomize seeds from the function's name and source: give each feature its own name
+        property_test.__name__ = property_test.__qualname__ = f"check_{feature.id.replace('.', '_')}"
+        property_test.__module__ = f"conformance.features.{zlib.crc32(feature.id.encode())}"
+        settings = PROFILES[self.profile].settings(feature.level, self.max_examples)
+        settings(given(st.data())(property_test))()
+
+    def run_golden(self, fixture: Path, record: TestRecord) -> None:
+        from reflora.golden import read_fixture
+
+        golden_spec, _ = read_fixture(fixture)
+        self.require(golden_needs(golden_spec))
+        self.check({"feature": "golden.replay", "fixture": str(fixture), "dtype": golden_spec["dtype"]}, record)
+
+
+def golden_needs(spec: dict[str, Any]) -> list[str]:
+    """The capabilities a golden fixture needs; skips fixtures outside the LoRA driver protocol."""
+    lora = spec.get("lora")
+    if lora is None or spec.get("train_base"):
+        pytest.skip("full fine-tuning fixture: outside the LoRA driver protocol")
+    if lora.get("use_dora") or lora.get("lora_bias"):
+        pytest.skip(NOT_SUPPORTED + "DoRA / lora_bias fixtures: the driver protocol has no such capability yet")
+    targets = lora.get("target_modules")
+    needs = ["model_level", "target_modules_regex" if isinstance(targets, str) else "target_modules_list",
+             f"dtype:{spec['dtype']}"]  # fmt: skip
+    if lora.get("use_rslora"):
+        needs.append("rslora")
+    if lora.get("lora_dropout", 0) > 0 and spec.get("dropout") == "train":
+        needs.append("dropout_mask_injection")
+    if lora.get("bias", "none") != "none":
+        needs.append(f"bias:{lora['bias']}")
+    if lora.get("layers_to_transform") is not None:
+        needs.append("layers_to_transform")
+    if lora.get("rank_pattern") or lora.get("alpha_pattern"):
+        needs.append("rank_alpha_pattern")
+    if (spec.get("reflora_lora") or {}).get("qkv_slices"):
+        needs.append("per_slice_qkv")
+    if spec.get("padding", "none") != "none":
+        needs.append("padding")
+    if spec.get("position_ids", "default") != "default":
+        needs.append("position_ids")
+    return needs
+
+
+def golden_fixtures(golden_dir: str | Path | None) -> list[tuple[str, Path]]:
+    """(name, file) of every fixture in ``golden_dir/manifest.json``, in manifest order; [] without a manifest."""
+    if golden_dir is None:
+        return []
+    manifest = Path(golden_dir) / "manifest.json"
+    if not manifest.is_file():
+        return []
+    cases = json.loads(manifest.read_text()).get("cases", {})
+    return [(name, Path(golden_dir) / entry["file"]) for name, entry in cases.items()]
+
+
+def default_golden_dir() -> str | None:
+    """``golden/`` of a source checkout (next to the ``conformance`` package), if there is one."""
+    folder = Path(__file__).resolve().parent.parent / "golden"
+    return str(folder) if (folder / "manifest.json").is_file() else None
+
+
+def feature_of(test_id: str) -> Feature:
+    return FEATURES["golden.replay" if test_id.startswith("golden.replay") else test_id]

@@ -1,0 +1,332 @@
+"""One measurement of ``reflora bench``, run in a process of its own (``python -m reflora._bench_worker``).
+
+The parent (``reflora.bench``) starts one worker per implementation, with the thread-count variables already
+in the environment, so that NumPy's OpenBLAS and torch read them when they load, and so that each peak-memory
+figure belongs to one implementation alone. The job arrives as JSON on stdin; the result leaves as one JSON
+line on stdout.
+
+Jobs (``"kind"``):
+
+* ``"matmul"``: the sustained rate of an n×n×n float matrix product, for NumPy (or CuPy) and torch.
+* ``"reference"``: ``reflora.gpt2_loss_and_grads`` on NumPy (or CuPy) arrays.
+* ``"torch"``: transformers ``GPT2LMHeadModel`` + PEFT, the loss and ``loss.backward()`` under eager autograd.
+
+Both models get the same seeded weights and tokens (``reflora.init_gpt2_params``, a fixed seed), so their
+losses agree to the dtype's rounding; the worker reports the loss of its first step as a check.
+
+Memory (Linux): before the timed steps the worker drops what setup left behind, resets the kernel's
+high-water mark (``/proc/self/clear_refs`` = 5) and reads the resident set size; after them it reads the
+high-water mark again (``VmHWM``). ``peak_rss_bytes`` is that peak for the whole process (interpreter,
+libraries, weights, and the step's working set); ``step_rss_bytes`` is the part the steps added. The
+reference also reports ``tracemalloc_peak_bytes``: the peak of the array buffers that NumPy reports to
+``tracemalloc`` during one extra, untimed step. On a GPU the figures are the device allocators' own peaks.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def main() -> int:
+    job = json.loads(sys.stdin.read())
+    measure = {"matmul": measure_matmul, "reference": measure_reference, "torch": measure_torch}[job["kind"]]
+    result = {"kind": job["kind"], **measure(job), "blas": blas_info()}
+    print(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the workload
+# ----------------------------------------------------------------------------------------------
+
+
+def build_workload(job: dict[str, Any], n_layer: int):
+    """Config, LoRA config (None for full fine-tuning), NumPy params and adapter, from the job's seed."""
+    from reflora import GPT2Config, LoraConfig, init_gpt2_params, init_lora_adapter, plan_lora
+
+    config = GPT2Config(n_layer=n_layer, **job.get("model_overrides", {}))
+    rng = np.random.default_rng(job["seed"])
+    params = init_gpt2_params(config, rng, dtype=np.dtype(job["dtype"]))
+    if job["grads"] == "full":
+        return config, None, params, None
+    lora = LoraConfig(r=job["lora_r"], lora_alpha=job["lora_alpha"], target_modules=list(job["lora_targets"]))
+    adapter = init_lora_adapter(plan_lora(config, lora), rng, dtype=np.dtype(job["dtype"]))
+    return config, lora, params, adapter
+
+
+def tokens(job: dict[str, Any], config, batch: int, seq_len: int) -> np.ndarray:
+    """(B, T) int64 token ids; the labels are the ids themselves (causal LM)."""
+    return np.random.default_rng(job["seed"] + 1).integers(0, config.vocab_size, (batch, seq_len), dtype=np.int64)
+
+
+def time_steps(step: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+        sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_shapes(job, make_step, memory) -> dict[str, Any]:
+    """Build the weights per depth, then time every (batch, seq_len, n_layer) shape of the job."""
+    results, built = [], {}
+    for shape in job["shapes"]:
+        n_layer = shape["n_layer"]
+        if n_layer not in built:
+            built.clear()
+            gc.collect()
+            built[n_layer] = make_step.prepare(build_workload(job, n_layer))
+        step, loss = make_step.step(built[n_layer], shape["batch"], shape["seq_len"])
+        before = memory.start()
+        times = time_steps(step, job["warmup"], job["repeats"], make_step.sync)
+        results.append(
+            {
+                **shape,
+                "times_s": times,
+                "median_s": statistics.median(times),
+                "loss": loss,
+                **memory.stop(before),
+                **make_step.extra_memory(built[n_layer], shape["batch"], shape["seq_len"]),
+            }
+        )
+    return {"shapes": results}
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class HostMemory:
+    """Resident-set figures of this process around the timed steps (see the module docstring)."""
+
+    def start(self) -> int | None:
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # resets VmHWM to the current RSS
+            self.reset = True
+        except OSError:
+            self.reset = False  # the peak then covers setup too; reported as such
+        return _status_kib("VmRSS")
+
+    def stop(self, rss_before_kib: int | None) -> dict[str, Any]:
+        import resource
+
+        peak_kib = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {"peak_rss_bytes": peak_kib * 1024, "peak_covers_steps_only": self.reset}
+        if rss_before_kib is not None:
+            out["rss_before_steps_bytes"] = rss_before_kib * 1024
+            out["step_rss_bytes"] = (peak_kib - rss_before_kib) * 1024
+        return out
+
+
+class CupyMemory:
+    """The CuPy memory pool's peak: the pool keeps freed blocks, so its size after the steps is their peak."""
+
+    def start(self) -> int:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        return int(cupy.get_default_memory_pool().total_bytes())
+
+    def stop(self, before: int) -> dict[str, Any]:
+        import cupy
+
+        total = int(cupy.get_default_memory_pool().total_bytes())
+        return {"peak_device_bytes": total, "step_device_bytes": total - before}
+
+
+class TorchCudaMemory:
+    """torch's CUDA caching allocator: ``max_memory_allocated`` over the steps."""
+
+    def start(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return int(torch.cuda.memory_allocated())
+
+    def stop(self, before: int) -> dict[str, Any]:
+        import torch
+
+        peak = int(torch.cuda.max_memory_allocated())
+        return {"peak_device_bytes": peak, "step_device_bytes": peak - before}
+
+
+# ----------------------------------------------------------------------------------------------
+# the three measurements
+# ----------------------------------------------------------------------------------------------
+
+
+class ReferenceStep:
+    """``reflora.gpt2_loss_and_grads`` with the default ``wrt`` (the adapter, or every base tensor)."""
+
+    def __init__(self, job):
+        from reflora.backend import get_backend
+
+        self.job = job
+        self.xp = get_backend(job["backend"])
+        self.sync = (lambda: self.xp.cuda.Device().synchronize()) if job["backend"] == "cupy" else (lambda: None)
+
+    def prepare(self, workload):
+        config, lora, params, adapter = workload
+        xp = self.xp
+        params = {k: xp.asarray(v) for k, v in params.items()}
+        adapter = None if adapter is None else {k: xp.asarray(v) for k, v in adapter.items()}
+        return config, lora, params, adapter
+
+    def step(self, prepared, batch, seq_len):
+        import reflora
+
+        config, lora, params, adapter = prepared
+        ids = self.xp.asarray(tokens(self.job, config, batch, seq_len))
+
+        def step():
+            loss, _, _ = reflora.gpt2_loss_and_grads(params, config, ids, ids, adapter=adapter, lora=lora)
+            return loss
+
+        return step, float(step())
+
+    def extra_memory(self, prepared, batch, seq_len) -> dict[str, Any]:
+        if self.job["backend"] != "numpy":
+            return {}
+        import tracemalloc
+
+        step, _ = self.step(prepared, batch, seq_len)
+        gc.collect()
+        tracemalloc.start()
+        step()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return {"tracemalloc_peak_bytes": int(peak)}
+
+
+class TorchStep:
+    """transformers + PEFT (``conformance.drivers.peft_bridge``), ``loss.backward()`` under eager autograd."""
+
+    def __init__(self, job):
+        import torch
+
+        torch.set_num_threads(job["threads"])
+        self.job = job
+        self.device = torch.device(job["device"])
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def prepare(self, workload):
+        import torch
+
+        from conformance.drivers.peft_bridge import build_hf_model, build_peft_model
+
+        config, lora, params, adapter = workload
+        if lora is None:
+            model = build_hf_model(config, params, self.job["dtype"])
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            model = build_peft_model(config, params, lora, adapter, self.job["dtype"])  # only LoRA trains
+        model.train()
+        del params, adapter
+        gc.collect()
+        with torch.no_grad():
+            model.to(self.device)
+        return config, model
+
+    def step(self, prepared, batch, seq_len):
+        import torch
+
+        from conformance.drivers.peft_bridge import hf_causal_lm_loss
+
+        config, model = prepared
+        ids = torch.from_numpy(tokens(self.job, config, batch, seq_len)).to(self.device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = hf_causal_lm_loss(model(input_ids=ids).logits, ids)
+            loss.backward()
+            return loss
+
+        return step, float(step().detach())
+
+    def extra_memory(self, prepared, batch, seq_len) -> dict[str, Any]:
+        return {}
+
+
+def measure_reference(job) -> dict[str, Any]:
+    memory = CupyMemory() if job["backend"] == "cupy" else HostMemory()
+    return {"backend": job["backend"], **run_shapes(job, ReferenceStep(job), memory)}
+
+
+def measure_torch(job) -> dict[str, Any]:
+    import torch
+
+    memory = TorchCudaMemory() if job["device"] == "cuda" else HostMemory()
+    return {"device": job["device"], "torch_version": torch.__version__, **run_shapes(job, TorchStep(job), memory)}
+
+
+def measure_matmul(job) -> dict[str, Any]:
+    """GFLOP/s of ``a @ b`` with a, b: (n, n) in the job's dtype: 2n³ / the median of ``repeats`` products."""
+    n, repeats = job["matmul_n"], job["repeats"]
+    rates = {}
+    xp = np
+    sync: Callable[[], None] = lambda: None  # noqa: E731
+    if job["backend"] == "cupy":
+        import cupy as xp
+
+        sync = lambda: xp.cuda.Device().synchronize()  # noqa: E731
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(job["dtype"]))
+    b = xp.asarray(np.random.default_rng(1).standard_normal((n, n)).astype(job["dtype"]))
+    times = time_steps(lambda: xp.matmul(a, b), 2, repeats, sync)
+    rates[job["backend"]] = 2 * n**3 / statistics.median(times) / 1e9
+    if job.get("with_torch", True):
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            torch.set_num_threads(job["threads"])
+            device = torch.device(job["device"])
+            ta = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n)).astype(job["dtype"])).to(device)
+            tb = torch.from_numpy(np.random.default_rng(1).standard_normal((n, n)).astype(job["dtype"])).to(device)
+            tsync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            times = time_steps(lambda: torch.matmul(ta, tb), 2, repeats, tsync)
+            rates["torch"] = 2 * n**3 / statistics.median(times) / 1e9
+    return {"n": n, "gflops": rates}
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """The BLAS / OpenMP libraries loaded in this process, with their kernel (``threadpoolctl``, if installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "install threadpoolctl to see which BLAS kernel runs"}]
+    keys = ("user_api", "internal_api", "prefix", "version", "architecture", "num_threads", "threading_layer")
+    return [{k: lib.get(k) for k in keys if lib.get(k) is not None} for lib in threadpool_info()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

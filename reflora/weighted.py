@@ -1,0 +1,173 @@
+"""Weighted combinations of LoRA adapters: PEFT 0.21's ``add_weighted_adapter`` (``cat``, ``linear``, ``svd``).
+
+Sources i = 1..K with weights w_i, scalings s_i, and on a module ΔWt_i = s_i B_i A_i (out, in). The new adapter
+has scaling exactly 1 (see "Scaling" below) and, on every module that some source targets:
+
+* ``cat``: A = rows[w_i s_i A_i], B = cols[B_i], rank Σ_i r_i. Then B A = Σ_i w_i s_i B_i A_i = Σ_i w_i ΔWt_i
+  exactly: the only exact low-rank combination.
+* ``linear`` (equal ranks): A = Σ_i σ_i √|w_i s_i| A_i, B = Σ_i √|w_i s_i| B_i with σ_i = sign(w_i s_i). Then
+  B A = Σ_i w_i s_i B_i A_i + Σ_{i≠j} σ_j √|w_i s_i| √|w_j s_j| B_i A_j: PEFT's formula keeps the cross terms
+  i ≠ j, so it is Σ w_i ΔW_i only for one source (or sources with orthogonal factors). Its docs call it "a very
+  rough approximation". reflora reproduces it, cross terms included.
+* ``svd``: ΔWt = Σ_i w_i ΔWt_i, U S Vh its SVD, B = U_k diag(S_k), A = Vh_k with k = ``svd_rank`` (default
+  max r_i): the best rank-k approximation of ΔWt (Eckart–Young); exact when k ≥ rank(ΔWt).
+
+One source is always ``linear`` (as in PEFT; exact then). ``lora_bias`` (reflora; PEFT drops the biases):
+b_B = Σ_i w_i s_i b_i on every combination type, exact. Not covered: PEFT's ``ties``, ``dare_linear``,
+``dare_ties``, ``magnitude_prune`` and their ``*_svd`` forms (pruning heuristics; ``dare`` is random), and
+``svd_clamp``; asking for them is an error. DoRA sources are refused: a combination of DoRA adapters is not a
+LoRA adapter (each one's factor c_i depends on its own V_i), and PEFT silently builds a DoRA adapter whose
+magnitude is the base norm, not a combination.
+
+Scaling. The new config is the first source's with ``r = r_new`` and ``rank_pattern = alpha_pattern = {}``, as
+in PEFT, and with ``lora_alpha`` chosen so that the scaling is exactly 1: ``lora_alpha = r_new`` (α/r = 1), or
+under ``use_rslora`` ``lora_alpha = √r_new`` (α/√r = 1). PEFT always sets ``lora_alpha = r_new``, which under
+rsLoRA gives scaling √r_new: its combined adapter is √r_new times too strong (docs/advanced-semantics.md).
+The other settings (``use_rslora``, ``lora_dropout``, ``bias``, ``fan_in_fan_out``) are the first source's;
+``init_lora_weights`` becomes ``True`` (PEFT keeps the first's, and a ``"pissa"``/``"olora"`` there makes PEFT
+re-initialise, i.e. rewrite, the base weights for the new adapter). ``target_modules`` is the union of the
+sources' targets (PEFT: the union of the lists, or the alternation of regexes); when that config does not
+target exactly the union of the sources' modules (different ``layers_to_transform``), reflora lists the
+modules in a regex instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+from reflora.backend import Array, namespace
+from reflora.config import ConfigError, GPT2Config, LoraConfig
+from reflora.model import check_adapter
+from reflora.targets import LoraModule, plan_lora
+
+COMBINATION_TYPES = ("cat", "linear", "svd")
+NOT_COVERED = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
+               "magnitude_prune_svd")  # fmt: skip
+
+
+def _max_rank(lora: LoraConfig) -> int:
+    """PEFT's rank of a source: ``r``, or the largest rank of its ``rank_pattern``."""
+    return max(lora.r, *lora.rank_pattern.values()) if lora.rank_pattern else lora.r
+
+
+def combined_config(sources: Sequence[LoraConfig], config: GPT2Config, new_rank: int) -> LoraConfig:
+    """The new adapter's config (see "Scaling" in the module docstring)."""
+    first = sources[0]
+    kinds = {isinstance(s.target_modules, str) for s in sources}
+    if len(kinds) > 1:
+        raise ConfigError("the sources mix list and regex target_modules (PEFT refuses this too)")
+    targets = [s.target_modules if s.target_modules is not None else ("c_attn",) for s in sources]
+    if isinstance(targets[0], str):
+        target_modules: tuple[str, ...] | str = "|".join(f"({t})" for t in targets)
+    else:
+        target_modules = tuple(dict.fromkeys(t for ts in targets for t in ts))
+    alpha = math.sqrt(new_rank) if first.use_rslora else new_rank
+    new = dataclasses.replace(
+        first, r=new_rank, lora_alpha=alpha, target_modules=target_modules, rank_pattern={}, alpha_pattern={},
+        init_lora_weights=True, lora_bias=any(s.lora_bias for s in sources),
+    )  # fmt: skip
+    union = {name for s in sources for name in plan_lora(config, s)}
+    if set(plan_lora(config, new)) != union:
+        names = "|".join(re.escape(n) for n in sorted(union))
+        new = dataclasses.replace(new, target_modules=names, layers_to_transform=None, layers_pattern=None)
+    return new
+
+
+def add_weighted_adapter(
+    config: GPT2Config,
+    adapters: Mapping[str, tuple[LoraConfig, Mapping[str, Array]]],
+    names: Sequence[str],
+    weights: Sequence[float],
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> tuple[LoraConfig, dict[str, Array]]:
+    """``(config, tensors)`` of the combination of ``adapters[names[i]]`` with ``weights[i]`` (module docstring)."""
+    if combination_type in NOT_COVERED:
+        raise ValueError(
+            f"combination_type={combination_type!r} is not covered by the reference; use {COMBINATION_TYPES}"
+        )
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
+    names = list(names)
+    if not names or len(names) != len(weights):
+        raise ValueError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights")
+    unknown = [n for n in names if n not in adapters]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; known: {list(adapters)}")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {list(weights)}")
+    sources = [adapters[n][0] for n in names]
+    dtype = next(iter(adapters[names[0]][1].values())).dtype
+    for name in names:
+        check_adapter(adapters[name][1], adapters[name][0], config, dtype, where=f"adapters[{name!r}]")
+    dora = [n for n, s in zip(names, sources) if s.use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} use DoRA: a weighted combination of DoRA adapters is not a LoRA adapter")
+    if len({s.qkv_slices for s in sources}) > 1:
+        raise ValueError("the adapters have different qkv_slices; their branches cannot be combined")
+    if len(names) == 1:
+        combination_type = "linear"  # PEFT: a single adapter is always combined linearly (exact)
+    ranks = [_max_rank(s) for s in sources]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(names, ranks))}")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    else:
+        if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+        new_rank = svd_rank or max(ranks)
+    new = combined_config(sources, config, new_rank)
+    plans = [plan_lora(config, s) for s in sources]
+    tensors: dict[str, Array] = {}
+    for module_name, module in plan_lora(config, new).items():
+        parts = [(w, p[module_name], adapters[n][1]) for n, w, p in zip(names, weights, plans) if module_name in p]
+        for index, branch in enumerate(module.branches):
+            srcs = [(w, m.scaling, t[m.branches[index].a_key], t[m.branches[index].b_key]) for w, m, t in parts]
+            A, B = _combine(combination_type, srcs, new_rank, module_name)
+            tensors[branch.a_key], tensors[branch.b_key] = A, B
+            if branch.bias_key is not None:
+                tensors[branch.bias_key] = _combined_bias(parts, index, branch.out_stop - branch.out_start, A)
+    return new, tensors
+
+
+def _combine(kind: str, srcs: list[tuple[float, float, Array, Array]], rank: int, where: str) -> tuple[Array, Array]:
+    """A (rank, in), B (out, rank) of one branch from [(w, s, A_i, B_i)]."""
+    xp = namespace(*(a for _, _, a, _ in srcs))
+    in_f, out_f, dtype = srcs[0][2].shape[1], srcs[0][3].shape[0], srcs[0][2].dtype
+    if kind == "cat":
+        A = xp.concat([(w * s) * a for w, s, a, _ in srcs], axis=0)  # (Σ r_i, in)
+        B = xp.concat([b for _, _, _, b in srcs], axis=1)  # (out, Σ r_i)
+    elif kind == "linear":
+        ranks = {a.shape[0] for _, _, a, _ in srcs}
+        if len(ranks) != 1:
+            raise ValueError(f"combination_type='linear' needs equal ranks on {where}, got {sorted(ranks)}")
+        A = sum(
+            (math.copysign(math.sqrt(abs(w * s)), w * s) * a for w, s, a, _ in srcs), start=xp.zeros_like(srcs[0][2])
+        )
+        B = sum((math.sqrt(abs(w * s)) * b for w, s, _, b in srcs), start=xp.zeros_like(srcs[0][3]))
+    else:
+        delta = sum((w * s) * xp.matmul(b, a) for w, s, a, b in srcs)  # (out, in)
+        U, S, Vh = xp.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
+        B = U[:, :rank] * xp.reshape(S[:rank], (1, -1))  # (out, ≤ rank)
+        A = Vh[:rank, :]  # (≤ rank, in)
+    # zero rows/columns up to the new rank: a module with lower-rank sources (rank_pattern), or k < svd_rank
+    if A.shape[0] < rank:
+        A = xp.concat([A, xp.zeros((rank - A.shape[0], in_f), dtype=dtype)], axis=0)
+        B = xp.concat([B, xp.zeros((out_f, rank - B.shape[1]), dtype=dtype)], axis=1)
+    return A, B
+
+
+def _combined_bias(parts: list[tuple[float, LoraModule, Mapping]], index: int, n_out: int, like: Array) -> Array:
+    """b_B = Σ_i w_i s_i b_i (new scaling 1); a source without ``lora_bias`` contributes 0."""
+    xp = namespace(like)
+    bias = xp.zeros((n_out,), dtype=like.dtype)
+    for w, module, t in parts:
+        key = module.branches[index].bias_key
+        if key is not None:
+            bias = bias + (w * module.scaling) * t[key]
+    return bias

@@ -1,0 +1,95 @@
+"""``reflora bench``: its FLOP count against the products the reference really executes, and a smoke run on a
+tiny model. No timing is asserted: speed targets live in docs/performance.md, never in tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import reflora
+from reflora.bench import step_flops
+from reflora.cli import main
+
+TINY = reflora.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_head=2, n_layer=3)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["c_attn", "c_proj"], ["c_fc"], ["mlp.c_proj"], None],
+    ids=["c_attn+c_proj", "c_fc", "mlp.c_proj", "full-fine-tuning"],
+)
+def test_step_flops_counts_every_matrix_product_the_reference_executes(monkeypatch, targets):
+    rng = np.random.default_rng(0)
+    params = reflora.init_gpt2_params(TINY, rng)
+    lora = None if targets is None else reflora.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    adapter = None if lora is None else reflora.init_lora_adapter(reflora.plan_lora(TINY, lora), rng)
+    ids = rng.integers(0, TINY.vocab_size, (2, 5))
+    executed = []
+    matmul = np.matmul
+
+    def counting_matmul(a, b, *args, **kwargs):
+        out = matmul(a, b, *args, **kwargs)
+        executed.append(2 * out.size * a.shape[-1])
+        return out
+
+    monkeypatch.setattr(np, "matmul", counting_matmul)
+    reflora.gpt2_loss_and_grads(params, TINY, ids, ids, adapter=adapter, lora=lora)
+    monkeypatch.undo()
+    counted = step_flops(TINY, 2, 5, lora)
+    assert counted["total"] == sum(executed), f"step_flops says {counted}, the reference executed {sum(executed)}"
+    assert counted["forward"] + counted["backward"] == counted["total"]
+
+
+def test_step_flops_of_the_issue_workload_is_near_the_6n_rule():
+    """GPT-2 small, LoRA r=8 on c_attn/c_proj, B·T = 512: forward 2·P·N plus attention, backward without dW."""
+    lora = reflora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"])
+    flops = step_flops(reflora.GPT2Config(), 4, 128, lora)
+    matmul_params = 12 * 12 * 768**2 + 50257 * 768  # Conv1D weights and the head
+    assert 2 * matmul_params * 512 < flops["forward"] < 1.03 * 2 * matmul_params * 512
+    # dX only (no dW), attention's backward twice its forward, layer 0's c_attn dX skipped: about the forward
+    assert 0.95 * flops["forward"] < flops["backward"] < 1.05 * flops["forward"]
+
+
+@pytest.mark.torch
+def test_bench_smoke_run_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "seq.png"
+    argv = ["bench", "--layers", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "97", "--batch", "2",
+            "--seq-len", "8", "--warmup", "0", "--repeats", "1", "--matmul-n", "32",
+            "--sweep-seq-len", "4,8", "--json", str(out), "--plot", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    for impl in ("reference", "torch"):
+        assert results[impl]["median_s"] > 0
+        assert results[impl]["peak_rss_bytes"] > 0
+        assert results[impl]["gflops"] > 0
+    # same seeded weights and tokens on both sides: the losses agree to float32 rounding
+    assert results["loss_relative_difference"] < 1e-5
+    assert results["ratio_reference_over_torch"] > 0
+    assert results["float64_over_float32"] > 0
+    assert report["flops"]["total"] == step_flops(
+        reflora.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97),
+        2, 8, reflora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"]),
+    )["total"]  # fmt: skip
+    assert [row["seq_len"] for row in report["sweeps"]["seq_len"]] == [4, 8]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reference / torch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--impl", "jax"], "--impl"),
+        (["bench", "--plot", "x.png"], "--sweep-seq-len"),
+        (["bench", "--seq-len", "2048"], "n_positions"),
+        (["bench", "--backend", "cupy", "--device", "cpu"], "cupy"),
+    ],
+)
+def test_bench_rejects_bad_options_before_running(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
