@@ -98,7 +98,7 @@ def build_model_case(spec: dict[str, Any]) -> ModelCase:
         labels = rng.integers(0, vocab, (batch, seq_len), dtype=np.int64)  # (B, T)
         if attention_mask is not None:
             labels[attention_mask == 0] = IGNORE_INDEX
-        counted = np.argwhere(labels[:, 1:] != IGNORE_INDEX) + [0, 1]  # positions that survive the shift
+        counted = np.argwhere(labels[:, 1:] != IGNORE_INDEX) + np.array([0, 1])  # positions surviving the shift
         n_ignore = min(spec["ignored_labels"], len(counted) - 1)
         for row, col in counted[rng.permutation(len(counted))[:n_ignore]]:
             labels[row, col] = IGNORE_INDEX

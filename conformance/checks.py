@@ -21,7 +21,16 @@ from conformance import reference
 from conformance.cases import build_layer_case, build_model_case, golden_model_case, spec_json
 from conformance.features import FEATURES
 from conformance.runner import CandidateError
-from conformance.tolerance import PLAIN_SAMPLES, Comparison, compare, exact
+from conformance.tolerance import (
+    MAX_FLOAT32_BOUND,
+    PLAIN_SAMPLES,
+    Comparison,
+    IllConditioned,
+    bound_for,
+    compare,
+    exact,
+    measured_error,
+)
 from reflora.checkpoint import CheckpointError, load_adapter, save_adapter
 from reflora.targets import plan_lora, trainable_bias_keys
 
@@ -119,11 +128,28 @@ def plain_evaluations(function: Callable, case) -> list:
     return [function(c, "float32") for c in cases]
 
 
-def _compare_tensors(result: CheckResult, actual: Any, expected: dict, plains: list, dtype: str, prefix: str = "") -> None:
+def reject_ill_conditioned(expected: dict, plains: list, dtype: str, prefix: str = "") -> None:
+    """Raise IllConditioned if a float32 bound would reach MAX_FLOAT32_BOUND (see conformance.tolerance)."""
+    if dtype != "float32":
+        return
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            reject_ill_conditioned(value, [p[key] for p in plains], dtype, f"{prefix}{key}/")
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            bound = bound_for(measured_error(value, [p[key] for p in plains]), dtype)
+            if bound >= MAX_FLOAT32_BOUND:
+                raise IllConditioned(f"{prefix}{key}: float32 bound {bound:.1e} >= {MAX_FLOAT32_BOUND:.0e}")
+
+
+def _compare_tensors(
+    result: CheckResult, actual: Any, expected: dict, plains: list, dtype: str, prefix: str = ""
+) -> None:
     """Compare every array of ``expected`` (nested dicts allowed) with ``actual`` at the same path; ``plains``
     holds plain float32 evaluations with the structure of ``expected``."""
     if not isinstance(actual, dict):
-        result.comparisons.append(exact(prefix or "result", False, f"expected a dict of results, got {type(actual).__name__}"))
+        result.comparisons.append(
+            exact(prefix or "result", False, f"expected a dict of results, got {type(actual).__name__}")
+        )
         return
     for key, value in expected.items():
         name = f"{prefix}{key}"
@@ -137,7 +163,9 @@ def _compare_set(result: CheckResult, name: str, actual, expected) -> None:
     actual, expected = sorted(map(str, actual or [])), sorted(expected)
     extra = [k for k in actual if k not in expected]
     missing = [k for k in expected if k not in actual]
-    problem = f"extra {extra[:4]}{'...' if len(extra) > 4 else ''}, missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+    problem = (
+        f"extra {extra[:4]}{'...' if len(extra) > 4 else ''}, missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+    )
     result.comparisons.append(exact(name, not extra and not missing, problem))
 
 
@@ -154,10 +182,11 @@ def _check_layer(result: CheckResult, method: str, call: Call) -> None:
         expected = reference.layer_forward_backward(case, "float64")
         plains = plain_evaluations(reference.layer_forward_backward, case)
     result.expected = expected
-    actual = result.actual = call(method, result.spec)
     trainable = expected.pop("trainable", None)
     for plain in plains:
         plain.pop("trainable", None)
+    reject_ill_conditioned(expected, plains, case.dtype)
+    actual = result.actual = call(method, result.spec)
     _compare_tensors(result, actual, expected, plains, case.dtype)
     if trainable is not None:
         _compare_set(result, "trainable", actual.get("trainable") if isinstance(actual, dict) else None, trainable)
@@ -175,7 +204,11 @@ def model_expectation(spec: dict[str, Any]):
     float32 evaluation, and the float64 expectation is recomputed from its inputs."""
     if spec["feature"] != "golden.replay":
         case = build_model_case(spec)
-        return case, reference.model_forward_backward(case, "float64"), plain_evaluations(reference.model_forward_backward, case)
+        return (
+            case,
+            reference.model_forward_backward(case, "float64"),
+            plain_evaluations(reference.model_forward_backward, case),
+        )
     case, golden = golden_model_case(spec)
     stored: dict[str, Any] = {"logits": golden.logits, "grads": {k: golden.grads[k] for k in golden.wrt}}
     if golden.loss is not None:
@@ -189,6 +222,8 @@ def model_expectation(spec: dict[str, Any]):
 def _check_model(result: CheckResult, call: Call) -> None:
     case, expected, plains = model_expectation(result.spec)
     result.expected = expected
+    if result.feature != "golden.replay":  # fixtures are fixed points: never discarded
+        reject_ill_conditioned({k: v for k, v in expected.items() if k != "trainable"}, plains, case.dtype)
     actual = result.actual = call("model_forward_backward", result.spec)
     if not isinstance(actual, dict):
         result.comparisons.append(exact("result", False, f"expected a dict, got {type(actual).__name__}"))
@@ -201,14 +236,19 @@ def _check_model(result: CheckResult, call: Call) -> None:
     _compare_set(result, "trainable set", got_trainable, trainable)
     wrong_counts = [k for k in trainable if k in got_trainable and int(got_trainable[k]) != trainable[k]]
     result.comparisons.append(
-        exact("trainable counts", not wrong_counts,
-              f"{wrong_counts[:3]} have {[got_trainable[k] for k in wrong_counts[:3]]} elements, expected "
-              f"{[trainable[k] for k in wrong_counts[:3]]}")  # fmt: skip
+        exact(
+            "trainable counts",
+            not wrong_counts,
+            f"{wrong_counts[:3]} have {[got_trainable[k] for k in wrong_counts[:3]]} elements, expected "
+            f"{[trainable[k] for k in wrong_counts[:3]]}",
+        )
     )
     total, got_total = sum(trainable.values()), sum(int(v) for v in got_trainable.values())
     result.comparisons.append(exact("trainable total", total == got_total, f"{got_total} trainable, expected {total}"))
     extra_grads = sorted(set(actual.get("grads", {}) or {}) - set(trainable))
-    result.comparisons.append(exact("gradient keys", not extra_grads, f"gradients for untrained keys {extra_grads[:4]}"))
+    result.comparisons.append(
+        exact("gradient keys", not extra_grads, f"gradients for untrained keys {extra_grads[:4]}")
+    )
 
 
 def _check_adapter_save(result: CheckResult, call: Call) -> None:
@@ -221,19 +261,31 @@ def _check_adapter_save(result: CheckResult, call: Call) -> None:
             adapter, lora, biases = load_adapter(folder, case.config)
         except Exception as exc:  # a CheckpointError names the problem; anything else is reported as it is
             what = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-            result.comparisons.append(exact("adapter files", False, f"reflora cannot read what the candidate wrote: {what}"))
+            result.comparisons.append(
+                exact("adapter files", False, f"reflora cannot read what the candidate wrote: {what}")
+            )
             return
     result.actual = {"adapter": adapter, "biases": biases}
     want, got = plan_lora(case.config, case.lora), plan_lora(case.config, lora)
     _compare_set(result, "adapted modules", list(got), list(want))
-    wrong = [n for n in want if n in got and (got[n].r != want[n].r or not math.isclose(got[n].scaling, want[n].scaling))]
+    wrong = [
+        n for n in want if n in got and (got[n].r != want[n].r or not math.isclose(got[n].scaling, want[n].scaling))
+    ]
     result.comparisons.append(exact("rank and scaling", not wrong,
                                     f"{wrong[:3]}: r/scaling {[(got[n].r, got[n].scaling) for n in wrong[:3]]}, expected "
                                     f"{[(want[n].r, want[n].scaling) for n in wrong[:3]]}"))  # fmt: skip
-    result.comparisons.append(exact("bias mode", lora.bias == case.lora.bias, f"bias={lora.bias!r}, expected {case.lora.bias!r}"))
+    result.comparisons.append(
+        exact("bias mode", lora.bias == case.lora.bias, f"bias={lora.bias!r}, expected {case.lora.bias!r}")
+    )
     rounded = reference.NUMPY_DTYPES.get(case.dtype, np.float32)
-    expected = {"adapter": dict(case.adapter), "biases": {k: case.params[k] for k in trainable_bias_keys(case.config, case.lora, want)}}
-    plain = {group: {k: v.astype(rounded).astype(np.float64) for k, v in values.items()} for group, values in expected.items()}
+    expected = {
+        "adapter": dict(case.adapter),
+        "biases": {k: case.params[k] for k in trainable_bias_keys(case.config, case.lora, want)},
+    }
+    plain = {
+        group: {k: v.astype(rounded).astype(np.float64) for k, v in values.items()}
+        for group, values in expected.items()
+    }
     result.expected = expected
     _compare_tensors(result, result.actual, expected, [plain], case.dtype)
 
@@ -247,6 +299,7 @@ def _check_adapter_load(result: CheckResult, call: Call) -> None:
     expected = {"logits": reference.adapter_load_logits(case, "float64")}
     plains = [{"logits": logits} for logits in plain_evaluations(reference.adapter_load_logits, case)]
     result.expected = expected
+    reject_ill_conditioned(expected, plains, case.dtype)
     file_dtype = _file_dtype(case.dtype)
     with tempfile.TemporaryDirectory(prefix="reflora-conform-") as tmp:
         folder = Path(tmp) / "adapter"
@@ -263,5 +316,6 @@ def _check_adapter_switch(result: CheckResult, call: Call) -> None:
     expected = reference.adapter_switch_logits(case, "float64")
     plains = plain_evaluations(reference.adapter_switch_logits, case)
     result.expected = expected
+    reject_ill_conditioned(expected, plains, case.dtype)
     result.actual = call("model_switch_adapters", result.spec)
     _compare_tensors(result, result.actual, expected, plains, case.dtype)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 CONFORMANCE_DIR = Path(__file__).resolve().parent
+SCRATCH_VARIABLE = "REFLORA_CONFORM_SCRATCH"  # set by the CLI: hypothesis's storage folder for the run
 
 
 def register(subparsers) -> None:
@@ -30,12 +31,23 @@ def register(subparsers) -> None:
     )
     p.add_argument("--candidate", metavar="NAME|MODULE:OBJECT", help="the library under test (required)")
     p.add_argument("--list-candidates", action="store_true", help="list the shipped drivers and exit")
-    p.add_argument("--profile", choices=["ci", "dev", "thorough"], help="examples and randomness (default: ci if $CI, else dev)")
+    p.add_argument(
+        "--profile", choices=["ci", "dev", "thorough"], help="examples and randomness (default: ci if $CI, else dev)"
+    )
     p.add_argument("--max-examples", type=int, metavar="N", help="examples per feature, overriding the profile")
-    p.add_argument("--isolation", choices=["subprocess", "none"], default="subprocess",
-                   help="run the candidate in a worker process (default) or in this process")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds one driver call may take before the candidate counts as hung (default 120)")
+    p.add_argument(
+        "--isolation",
+        choices=["subprocess", "none"],
+        default="subprocess",
+        help="run the candidate in a worker process (default) or in this process",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds one driver call may take before the candidate counts as hung (default 120)",
+    )
     p.add_argument("--deviations", metavar="PATH", help="known-deviations JSON (default: the driver's own)")
     p.add_argument("--report-json", metavar="PATH", help="write the machine-readable report here")
     p.add_argument("--junitxml", metavar="PATH", help="write JUnit XML here (pytest's --junitxml)")
@@ -44,8 +56,11 @@ def register(subparsers) -> None:
     p.add_argument("--replay", metavar="JSON", help="run one case, given as the spec JSON a failure printed")
     p.add_argument("--dump", metavar="PATH", help="with --replay: write the case's inputs, expected and candidate "
                    "results to this safetensors file")  # fmt: skip
-    p.add_argument("--isolated", action="store_true",
-                   help="run inside the candidate's own virtual environment (conformance.envs; may install it)")
+    p.add_argument(
+        "--isolated",
+        action="store_true",
+        help="run inside the candidate's own virtual environment (conformance.envs; may install it)",
+    )
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
     p.set_defaults(func=run)
 
@@ -109,16 +124,28 @@ def run(args: argparse.Namespace) -> int:
     if args.dump is not None:
         print("reflora conform: --dump needs --replay (it writes one replayed case)", file=sys.stderr)
         return 2
+    import os
+    import tempfile
+
     import pytest
 
-    return int(pytest.main(pytest_arguments(args)))
+    # hypothesis caches things in ./.hypothesis: the CLI points it at a scratch folder (see plugin.py), so that
+    # nothing is left behind in the caller's folder
+    with tempfile.TemporaryDirectory(prefix="reflora-conform-") as scratch:
+        os.environ[SCRATCH_VARIABLE] = scratch
+        try:
+            return int(pytest.main(pytest_arguments(args)))
+        finally:
+            os.environ.pop(SCRATCH_VARIABLE, None)
 
 
 def replay(args: argparse.Namespace) -> int:
     """Run the one case ``args.replay`` describes, print its comparison, optionally dump it."""
     from conformance.checks import run_check
     from conformance.features import FEATURES, missing_capability
+    from conformance.protocol import NotSupported
     from conformance.runner import CandidateError, DriverLoadError, capabilities_from_json, make_runner
+    from conformance.tolerance import IllConditioned
 
     try:
         spec = json.loads(args.replay)
@@ -151,7 +178,14 @@ def replay(args: argparse.Namespace) -> int:
         if reason is not None:
             print(f"{spec['feature']}: not supported: {reason}")
             return 3
-        result = run_check(spec, runner.call)
+        try:
+            result = run_check(spec, runner.call)
+        except IllConditioned as exc:
+            print(f"{spec['feature']}: this float32 case is ill-conditioned ({exc}); the suite never draws it")
+            return 3
+        except NotSupported as exc:
+            print(f"{spec['feature']}: not supported: the driver says: {exc}")
+            return 3
     finally:
         runner.close()
     print(result.report(args.candidate))

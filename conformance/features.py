@@ -38,7 +38,9 @@ def _layer_features() -> list[Feature]:
         for variant, title, variant_needs in variants:
             method = "layer_merge" if variant == "merge" else "layer_forward_backward"
             needs = (f"layout:{layout}", *variant_needs)
-            out.append(Feature(f"layer.{variant}.{layout}", "layer", method, needs, variant, layout, f"{layout}: {title}"))
+            out.append(
+                Feature(f"layer.{variant}.{layout}", "layer", method, needs, variant, layout, f"{layout}: {title}")
+            )
     return out
 
 

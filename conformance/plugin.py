@@ -10,30 +10,75 @@ are and no candidate is given, the run stops with a usage error (it never runs n
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from conformance.suite import NOT_SUPPORTED, CandidateBroke, ConformanceFailure, Suite, default_golden_dir
-
-SUITE = pytest.StashKey[Suite]()
+# Only pytest is imported here: this plugin is loaded by every pytest run where reflora is installed, also
+# without the "conform" extra (hypothesis, rich); the suite's modules are imported once a candidate is given.
+SUITE = pytest.StashKey["Suite"]()
 TEST_ID = pytest.StashKey[str]()
+
+
+def default_golden_dir() -> str | None:
+    """``golden/`` of a source checkout (next to the ``conformance`` package), if there is one."""
+    folder = Path(__file__).resolve().parent.parent / "golden"
+    return str(folder) if (folder / "manifest.json").is_file() else None
 
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("reflora conformance", "reflora conformance suite (pytest conformance --candidate ...)")
-    group.addoption("--candidate", dest="conformance_candidate", metavar="NAME|MODULE:OBJECT",
-                    help="the LoRA library under test: a shipped driver name or package.module:object")
-    group.addoption("--profile", dest="conformance_profile", choices=["ci", "dev", "thorough"], default=None,
-                    help="hypothesis profile (default: ci when $CI is set, else dev)")
-    group.addoption("--max-examples", dest="conformance_max_examples", type=int, default=None, metavar="N",
-                    help="examples per feature, overriding the profile")
-    group.addoption("--isolation", dest="conformance_isolation", choices=["subprocess", "none"], default="subprocess",
-                    help="run the candidate in a worker process (default; survives crashes and hangs) or in-process")
-    group.addoption("--candidate-timeout", dest="conformance_timeout", type=float, default=120.0, metavar="S",
-                    help="seconds one driver call may take before the candidate counts as hung (default 120)")
-    group.addoption("--deviations", dest="conformance_deviations", default=None, metavar="PATH",
-                    help="known-deviations JSON (default: the driver's own)")
-    group.addoption("--report-json", dest="conformance_report_json", default=None, metavar="PATH",
-                    help="write the machine-readable report (schema in docs/conformance.md)")
+    group.addoption(
+        "--candidate",
+        dest="conformance_candidate",
+        metavar="NAME|MODULE:OBJECT",
+        help="the LoRA library under test: a shipped driver name or package.module:object",
+    )
+    group.addoption(
+        "--profile",
+        dest="conformance_profile",
+        choices=["ci", "dev", "thorough"],
+        default=None,
+        help="hypothesis profile (default: ci when $CI is set, else dev)",
+    )
+    group.addoption(
+        "--max-examples",
+        dest="conformance_max_examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="examples per feature, overriding the profile",
+    )
+    group.addoption(
+        "--isolation",
+        dest="conformance_isolation",
+        choices=["subprocess", "none"],
+        default="subprocess",
+        help="run the candidate in a worker process (default; survives crashes and hangs) or in-process",
+    )
+    group.addoption(
+        "--candidate-timeout",
+        dest="conformance_timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds one driver call may take before the candidate counts as hung (default 120)",
+    )
+    group.addoption(
+        "--deviations",
+        dest="conformance_deviations",
+        default=None,
+        metavar="PATH",
+        help="known-deviations JSON (default: the driver's own)",
+    )
+    group.addoption(
+        "--report-json",
+        dest="conformance_report_json",
+        default=None,
+        metavar="PATH",
+        help="write the machine-readable report (schema in docs/conformance.md)",
+    )
     group.addoption("--golden-dir", dest="conformance_golden_dir", default=default_golden_dir(), metavar="DIR",
                     help="golden fixtures to replay (default: golden/ of a source checkout)")  # fmt: skip
 
@@ -41,8 +86,13 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "conformance: a test of the reflora conformance suite (needs --candidate)")
     candidate = config.getoption("conformance_candidate")
+    if candidate and os.environ.get("REFLORA_CONFORM_SCRATCH"):  # run by `reflora conform`: no ./.hypothesis
+        from hypothesis.configuration import set_hypothesis_home_dir
+
+        set_hypothesis_home_dir(os.environ["REFLORA_CONFORM_SCRATCH"])
     if candidate:
         from conformance.profiles import default_profile
+        from conformance.suite import Suite
 
         config.stash[SUITE] = Suite(
             candidate=candidate,
@@ -88,7 +138,8 @@ def pytest_report_header(config) -> list[str]:
     caps = [k for k, v in info["capabilities"].items() if v and k != "notes"]
     return [
         f"reflora conformance: candidate {info['name']} (--candidate {suite.candidate})",
-        "  versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        "  versions: "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         + f"; reflora {__version__}, numpy {numpy.__version__}, python {platform.python_version()}",
         "  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "tolerance"),
         "  tolerance: " + ", ".join(f"{k}={v}" for k, v in settings["tolerance"].items()),
@@ -109,7 +160,9 @@ def _test_id(item) -> str | None:
     return item.name
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
+def pytest_collection_finish(session) -> None:
+    """After -k / deselection: every conformance test left gets its id and record; none without a candidate."""
+    config, items = session.config, session.items
     ids = {}
     for item in items:
         test_id = _test_id(item)
@@ -133,7 +186,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 @pytest.fixture(scope="session")
-def conformance_suite(request) -> Suite:
+def conformance_suite(request):
     suite = request.config.stash.get(SUITE, None)
     if suite is None:
         raise pytest.UsageError("reflora conformance: no candidate given (--candidate)")
@@ -153,6 +206,8 @@ def pytest_runtest_makereport(item, call):
     test_id = item.stash.get(TEST_ID, None)
     if suite is None or test_id is None:
         return report
+    from conformance.suite import NOT_SUPPORTED, CandidateBroke, ConformanceFailure
+
     record = suite.records[test_id]
     if call.excinfo is not None and isinstance(call.excinfo.value, (ConformanceFailure, CandidateBroke)):
         notes = getattr(call.excinfo.value, "__notes__", [])
@@ -166,8 +221,7 @@ def pytest_runtest_makereport(item, call):
         deviation = suite.deviation_for(test_id)
         record.deviation = deviation
         if report.failed:
-            if record.failure is None:
-                record.failure = str(report.longrepr)[-4000:]
+            record.failure = str(report.longrepr)[-6000:]  # the check's report and hypothesis's labelled draws
             if deviation is not None:
                 report.outcome = "skipped"
                 report.wasxfail = f"known deviation {deviation.id}: {deviation.reason}"

@@ -130,7 +130,8 @@ class Driver(Protocol):
     capabilities: Capabilities
 
     def versions(self) -> dict[str, str]:
-        """``{"candidate": ..., "framework": ..., ...}``: printed in the report header."""
+        """``{"candidate": "peft 0.21.2", "framework": "torch 2.13.0", ...}``: "<name> <version>" strings, printed
+        in the report header and recorded in the JSON report (more keys, e.g. "transformers", are welcome)."""
         ...
 
     def layer_forward_backward(self, case: LayerCase) -> dict[str, np.ndarray]:

@@ -51,7 +51,9 @@ def layer_branches(case: LayerCase, dtype: str) -> list[tuple[str | None, LoraBr
     ]  # fmt: skip
 
 
-def layer_forward_backward(case: LayerCase, dtype: str, forward_op=lora_linear_forward, backward_op=lora_linear_backward):
+def layer_forward_backward(
+    case: LayerCase, dtype: str, forward_op=lora_linear_forward, backward_op=lora_linear_backward
+):
     """``y`` (B, T, out), ``dx`` (B, T, in), ``lora_A[.q]`` (r, in), ``lora_B[.q]`` (out_b, r), ``bias`` (out,) if
     trainable, and ``trainable`` (the names PEFT trains: the LoRA tensors, and the bias if its mode trains it)."""
     batch, seq_len, in_f = case.x.shape

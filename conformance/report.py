@@ -39,15 +39,16 @@ def _feature_result(outcomes: list[str]) -> str:
 
 
 def build_report(suite) -> dict[str, Any]:
-    from reflora import __version__
-
     import numpy
+
+    from reflora import __version__
 
     tests = []
     for record in suite.records.values():
         tests.append({
             "id": record.test_id, "nodeid": record.nodeid, "feature": record.feature, "outcome": record.outcome,
-            "examples": record.examples, "duration_s": round(record.duration, 3), "worst": _worst(record),
+            "examples": record.examples, "discarded": record.discarded, "duration_s": round(record.duration, 3),
+            "worst": _worst(record),
             "reason": record.reason, "message": record.failure if record.outcome in ("failed", "known_deviation", "error") else None,
             "deviation": record.deviation.to_json() if record.deviation is not None else None,
         })  # fmt: skip
@@ -66,9 +67,8 @@ def build_report(suite) -> dict[str, Any]:
     counts = {result: sum(f["result"] == result for f in features) for result in RESULTS}
     scored = counts["pass"] + counts["fail"] + counts["known_deviation"] + counts["not_supported"]
     supported = counts["pass"] + counts["fail"] + counts["known_deviation"]
-    test_ids = [t["id"] for t in tests]
     deviations = getattr(suite, "deviations", [])
-    unmatched = [d.id for d in deviations if not any(t.startswith(d.id) for t in test_ids)]
+    unmatched = [d.id for d in deviations if not any(t.startswith(d.id) for t in all_test_ids(suite))]
     not_reproduced = [
         d.id for d in deviations
         if d.id not in unmatched and all(t["outcome"] == "passed" for t in tests if t["id"].startswith(d.id))
@@ -79,8 +79,12 @@ def build_report(suite) -> dict[str, Any]:
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "candidate": {"name": info["name"], "spec": suite.candidate, "versions": info["versions"]},
-        "reflora": {"version": __version__, "numpy": numpy.__version__, "python": platform.python_version(),
-                    "platform": platform.platform()},  # fmt: skip
+        "reflora": {
+            "version": __version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "settings": suite.settings_summary(),
         "capabilities": info["capabilities"],
         "summary": {
@@ -96,9 +100,21 @@ def build_report(suite) -> dict[str, Any]:
         },
         "features": features,
         "tests": tests,
-        "deviations": {"file": getattr(suite, "deviations_path", None), "entries": [d.to_json() for d in deviations],
-                       "unmatched": unmatched, "not_reproduced": not_reproduced},  # fmt: skip
+        "deviations": {
+            "file": getattr(suite, "deviations_path", None),
+            "entries": [d.to_json() for d in deviations],
+            "unmatched": unmatched,
+            "not_reproduced": not_reproduced,
+        },
     }
+
+
+def all_test_ids(suite) -> list[str]:
+    """Every test id the suite has, selected or not: the features and one per golden fixture."""
+    from conformance.suite import golden_fixtures
+
+    fixtures = [f"golden.replay.{name}" for name, _ in golden_fixtures(suite.golden_dir)]
+    return [f for f in FEATURES if f != "golden.replay"] + (fixtures or ["golden.replay"])
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

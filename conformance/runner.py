@@ -59,7 +59,9 @@ def shipped_drivers() -> list[str]:
     """Names usable as ``--candidate NAME``: the modules of ``conformance.drivers`` (``*_bridge`` are helpers)."""
     package = importlib.import_module(SHIPPED_DRIVER_PACKAGE)
     return sorted(
-        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and not m.name.endswith("_bridge")
+        m.name
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.name.startswith("_") and not m.name.endswith("_bridge")
     )
 
 
@@ -72,7 +74,7 @@ def load_driver(candidate: str):
         except ImportError as exc:
             raise DriverLoadError(f"cannot import {module_name!r} for --candidate {candidate}: {exc}") from exc
         obj: Any = module
-        for part in attr.split("."):
+        for part in attr.split(".") if attr else []:  # "package.module:" is the module itself
             if not hasattr(obj, part):
                 raise DriverLoadError(f"--candidate {candidate}: module {module_name!r} has no attribute {attr!r}")
             obj = getattr(obj, part)
@@ -329,7 +331,9 @@ class SubprocessRunner:
             reply = read_frame(self.from_child, timeout)
         except TimeoutError:
             self._stop()
-            raise CandidateError("hung", f"no answer within {timeout:g} s while {doing}; the worker was killed") from None
+            raise CandidateError(
+                "hung", f"no answer within {timeout:g} s while {doing}; the worker was killed"
+            ) from None
         if reply is None:
             code = self.process.wait(timeout=10) if self.process else None
             how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"

@@ -1,7 +1,8 @@
 """The tolerance policy: how close a candidate's tensor must be to the float64 reference.
 
 For each tensor, with e the float64 reference, p the same computation evaluated plainly in float32 by reflora
-(every input rounded to float32, every op in float32) and a the candidate's result:
+(every input rounded to float32, every op in float32; on the case and on PLAIN_SAMPLES − 1 copies whose inputs
+are re-rounded, the largest error counting) and a the candidate's result:
 
     scale    = max |e|                                  (1 if e is all zeros)
     measured = max |p − e| / scale                      the error a plain float32 evaluation makes
@@ -12,9 +13,9 @@ For each tensor, with e the float64 reference, p the same computation evaluated 
 u_d is the unit roundoff of the candidate's dtype (float64 2⁻⁵³, float32 2⁻²⁴, bfloat16 2⁻⁸). For float32 the
 bound is FACTOR times the measured float32 error of this very case; other dtypes scale the measurement by their
 unit roundoff (rounding error is linear in u to first order). FLOOR keeps a case whose float32 evaluation
-happens to be exact from getting a zero bound. FACTOR and FLOOR are justified by measurement in
-docs/conformance.md (``tests/test_conformance_tolerance.py`` re-measures them and proves that a relative error
-of 1e-4 in any float32 output or gradient fails).
+happens to be exact from getting a zero bound. FACTOR is justified by measurement in docs/conformance.md
+(``python -m conformance.measure --candidate peft`` re-measures it); tests/test_conformance_tolerance.py proves
+that a relative error of 1e-4 in any float32 output or gradient fails.
 
 Reported per tensor: the max absolute error and its index, the max elementwise relative error
 ``|a − e| / |e|`` and its index, the normwise error above and its bound.
@@ -27,9 +28,27 @@ from dataclasses import dataclass
 import numpy as np
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8}
-FACTOR = {"float64": 16.0, "float32": 12.0, "bfloat16": 16.0}  # measured: see docs/conformance.md
+FACTOR = {"float64": 32.0, "float32": 12.0, "bfloat16": 8.0}  # measured: see docs/conformance.md
 FLOOR = 8.0
 PLAIN_SAMPLES = 3  # plain float32 evaluations per case: the case itself and two re-rounded copies
+# A drawn float32 case in which some tensor's bound would reach this is ill-conditioned for float32 (its
+# result moves by more than 4e-6 when its inputs are re-rounded); such draws are discarded, so that every
+# float32 bound stays below 5e-5 and a relative error of 1e-4 always fails.
+MAX_FLOAT32_BOUND = 5e-5
+
+
+class IllConditioned(Exception):
+    """A drawn float32 case whose plain float32 evaluations scatter too much to bound a candidate by 1e-4."""
+
+
+def measured_error(expected: np.ndarray, plain_f32) -> float:
+    """max over the plain evaluations of max|p − e| / max|e|."""
+    expected = np.asarray(expected, dtype=np.float64)
+    if expected.size == 0:
+        return 0.0
+    plains = plain_f32 if isinstance(plain_f32, list) else [plain_f32]
+    scale = float(np.max(np.abs(expected))) or 1.0
+    return max(float(np.max(np.abs(np.asarray(p, dtype=np.float64) - expected))) for p in plains) / scale
 
 
 @dataclass
@@ -77,11 +96,9 @@ def compare(name: str, actual, expected: np.ndarray, plain_f32, dtype: str) -> C
         return Comparison(name, False, problem=f"not a float array ({exc})")
     if actual.shape != expected.shape:
         return Comparison(name, False, problem=f"shape {actual.shape}, expected {expected.shape}")
-    plains = plain_f32 if isinstance(plain_f32, list) else [plain_f32]
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     scale = scale if scale > 0 else 1.0
-    measured = max(float(np.max(np.abs(np.asarray(p, dtype=np.float64) - expected), initial=0.0)) for p in plains)
-    bound = bound_for(measured / scale, dtype)
+    bound = bound_for(measured_error(expected, plain_f32), dtype)
     if expected.size == 0:
         return Comparison(name, True, bound=bound)
     if not np.all(np.isfinite(actual)):

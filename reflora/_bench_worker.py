@@ -14,10 +14,11 @@ Jobs (``"kind"``):
 Both models get the same seeded weights and tokens (``reflora.init_gpt2_params``, a fixed seed), so their
 losses agree to the dtype's rounding; the worker reports the loss of its first step as a check.
 
-Memory (Linux): before the timed steps the worker drops what setup left behind, resets the kernel's
-high-water mark (``/proc/self/clear_refs`` = 5) and reads the resident set size; after them it reads the
-high-water mark again (``VmHWM``). ``peak_rss_bytes`` is that peak for the whole process (interpreter,
-libraries, weights, and the step's working set); ``step_rss_bytes`` is the part the steps added. The
+Memory (Linux): once the weights are built, before the first step, the worker drops what setup left behind,
+resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) and reads the resident set size; after the
+last step it reads the high-water mark again (``VmHWM``). ``peak_rss_bytes`` is that peak for the whole
+process (interpreter, libraries, weights, and the steps' working set): the figure to compare.
+``step_rss_bytes`` is the part the steps added. The
 reference also reports ``tracemalloc_peak_bytes``: the peak of the array buffers that NumPy reports to
 ``tracemalloc`` during one extra, untimed step. On a GPU the figures are the device allocators' own peaks.
 """
@@ -68,18 +69,24 @@ def tokens(job: dict[str, Any], config, batch: int, seq_len: int) -> np.ndarray:
     return np.random.default_rng(job["seed"] + 1).integers(0, config.vocab_size, (batch, seq_len), dtype=np.int64)
 
 
-def time_steps(step: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``step`` after ``warmup`` untimed ones."""
+def time_steps(
+    step: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and process-CPU seconds of ``repeats`` calls of ``step`` after ``warmup`` untimed ones.
+
+    The CPU time (all threads, ``time.process_time``) is a check on a shared machine: a wall time far above
+    it / threads means the step waited for a core. It counts BLAS threads that spin while they wait, too."""
     for _ in range(warmup):
         step()
         sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def run_shapes(job, make_step, memory) -> dict[str, Any]:
@@ -91,14 +98,15 @@ def run_shapes(job, make_step, memory) -> dict[str, Any]:
             built.clear()
             gc.collect()
             built[n_layer] = make_step.prepare(build_workload(job, n_layer))
+        before = memory.start()  # after the weights are built, before the first step
         step, loss = make_step.step(built[n_layer], shape["batch"], shape["seq_len"])
-        before = memory.start()
-        times = time_steps(step, job["warmup"], job["repeats"], make_step.sync)
+        times, cpu_times = time_steps(step, job["warmup"], job["repeats"], make_step.sync)
         results.append(
             {
                 **shape,
                 "times_s": times,
                 "median_s": statistics.median(times),
+                "cpu_times_s": cpu_times,
                 "loss": loss,
                 **memory.stop(before),
                 **make_step.extra_memory(built[n_layer], shape["batch"], shape["seq_len"]),
@@ -300,7 +308,7 @@ def measure_matmul(job) -> dict[str, Any]:
         sync = lambda: xp.cuda.Device().synchronize()  # noqa: E731
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)).astype(job["dtype"]))
     b = xp.asarray(np.random.default_rng(1).standard_normal((n, n)).astype(job["dtype"]))
-    times = time_steps(lambda: xp.matmul(a, b), 2, repeats, sync)
+    times, _ = time_steps(lambda: xp.matmul(a, b), 2, repeats, sync)
     rates[job["backend"]] = 2 * n**3 / statistics.median(times) / 1e9
     if job.get("with_torch", True):
         try:
@@ -313,7 +321,7 @@ def measure_matmul(job) -> dict[str, Any]:
             ta = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n)).astype(job["dtype"])).to(device)
             tb = torch.from_numpy(np.random.default_rng(1).standard_normal((n, n)).astype(job["dtype"])).to(device)
             tsync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            times = time_steps(lambda: torch.matmul(ta, tb), 2, repeats, tsync)
+            times, _ = time_steps(lambda: torch.matmul(ta, tb), 2, repeats, tsync)
             rates["torch"] = 2 * n**3 / statistics.median(times) / 1e9
     return {"n": n, "gflops": rates}
 

@@ -199,6 +199,7 @@ def _pooled(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for per_shape in zip(*(run["shapes"] for run in runs), strict=True):
         entry = dict(per_shape[0])
         entry["times_s"] = [t for s in per_shape for t in s["times_s"]]
+        entry["cpu_times_s"] = [t for s in per_shape for t in s["cpu_times_s"]]
         entry["median_s"] = statistics.median(entry["times_s"])
         for key in entry:
             if key.endswith("_bytes"):

@@ -261,10 +261,11 @@ def test_why_lora_quick_writes_the_page_from_its_measurements(tmp_path):
     for name in ("loss-vs-rank", "params-memory", "spectrum"):
         assert (out / "img" / f"why-lora-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keys = {run["config_key"] for run in results["runs"]}
-    assert {"full", "full/seed", "full/all", "lora/seed/r1", "lora/all/r4"} <= keys
+    assert {"full", "full/seed", "full/all", "lora/seed/r1", "lora/all/r64"} <= keys
     assert len(results["runs"]) == len(keys) * len(results["plan"]["seeds"])
     full = next(run for run in results["runs"] if run["config_key"] == "full")
-    assert full["trainable_params"] > max(run["trainable_params"] for run in results["runs"] if run["method"] == "lora")
+    r1 = next(run for run in results["runs"] if run["config_key"] == "lora/seed/r1")
+    assert full["trainable_params"] > r1["trainable_params"] > 0
     from reflora.experiment import summarize
 
     assert f"| {summarize(results)['full'].test_mean:.4f} ± " in page  # the table quotes the measurements

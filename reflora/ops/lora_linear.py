@@ -15,6 +15,9 @@ Backward, with u = x_d Aᵀ (N, r) and g = dy[:, start:stop]:
     dA = s · (g B)ᵀ x_d                (r, in)
     dx = dy Wᵀ + Σ_branches s · ((g B) A) ⊙ M / (1 − p)
     dW = xᵀ dy,  db = Σ_rows dy        (only when asked: the base is frozen under LoRA)
+
+s multiplies the thin (N, r) factors u and g B, never an (N, out) or (N, in) product, and the deltas are added
+in place: a branch costs its four thin products and one pass over y (or dx).
 """
 
 from __future__ import annotations
