@@ -29,6 +29,10 @@ def build_case(spec: dict[str, Any]) -> LayerCase | ModelCase:
         return build_layer_case(spec)
     if level == "golden":
         return golden_model_case(spec)[0]
+    if level == "advanced":  # merge, DoRA, inits, several adapters, weighted combinations
+        from conformance.advanced import build_advanced_case
+
+        return build_advanced_case(spec)
     return build_model_case(spec)
 
 
@@ -154,6 +158,8 @@ def golden_model_case(spec: dict[str, Any]):
 def case_tensors(case: LayerCase | ModelCase) -> dict[str, np.ndarray]:
     """Every input array of a case under a flat name (golden fixture names at model level), for ``--dump``."""
     out: dict[str, np.ndarray] = {}
+    if not isinstance(case, (LayerCase, ModelCase)):  # conformance.advanced.AdaptersCase
+        return case.tensors()
     if isinstance(case, LayerCase):
         out.update(x=case.x, weight=case.weight, dy=case.dy)
         if case.bias is not None:

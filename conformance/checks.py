@@ -103,6 +103,10 @@ def run_check(spec: dict[str, Any], call: Call) -> CheckResult:
     try:
         if feature.level == "layer":
             _check_layer(result, feature.method, call)
+        elif feature.level == "advanced":  # merge, DoRA, inits, several adapters, weighted combinations
+            from conformance.advanced import check_advanced
+
+            check_advanced(result, call)
         elif feature.method == "save_adapter":
             _check_adapter_save(result, call)
         elif feature.method == "load_adapter_logits":
@@ -174,10 +178,17 @@ def _compare_set(result: CheckResult, name: str, actual, expected) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+MERGE_RESULTS = ("merged_weight", "merged_y")
+
+
 def _check_layer(result: CheckResult, method: str, call: Call) -> None:
     case = build_layer_case(result.spec)
     if method == "layer_merge":
         expected, plains = reference.layer_merge(case, "float64"), plain_evaluations(reference.layer_merge, case)
+        # feature layer.merge.*: the merged weight and forward; layer.unmerge.*: the weight after unmerging
+        keep = ("unmerged_weight",) if FEATURES[result.spec["feature"]].variant == "unmerge" else MERGE_RESULTS
+        expected = {k: v for k, v in expected.items() if k in keep}
+        plains = [{k: v for k, v in plain.items() if k in keep} for plain in plains]
     else:
         expected = reference.layer_forward_backward(case, "float64")
         plains = plain_evaluations(reference.layer_forward_backward, case)

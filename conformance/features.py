@@ -16,7 +16,7 @@ from conformance.protocol import Capabilities
 @dataclass(frozen=True)
 class Feature:
     id: str  # e.g. "layer.dropout.conv1d"
-    level: str  # "layer", "model" or "golden"
+    level: str  # "layer", "model", "advanced" (model level, conformance.advanced) or "golden"
     method: str  # the driver method the check calls
     needs: tuple[str, ...]  # capability requirements, see ``missing_capability``
     variant: str  # what the strategy draws; see conformance.strategies
@@ -32,11 +32,12 @@ def _layer_features() -> list[Feature]:
         ("dropout", "LoRA dropout with the injected keep-mask; eval mode without", ("dropout_mask_injection",)),
         ("bias", "trainable bias ('all' / 'lora_only'): its gradient and the trainable set", ("bias:trainable",)),
         ("qkv_slices", "per-slice LoRA on a fused q/k/v projection", ("per_slice_qkv",)),
-        ("merge", "merge W + s·BA, forward after merge, unmerge restores W", ("merge",)),
+        ("merge", "merge W + s·BA, forward after merge", ("merge",)),
+        ("unmerge", "unmerge after merge restores W", ("merge", "unmerge")),
     ]
     for layout in ("linear", "conv1d"):
         for variant, title, variant_needs in variants:
-            method = "layer_merge" if variant == "merge" else "layer_forward_backward"
+            method = "layer_merge" if variant in ("merge", "unmerge") else "layer_forward_backward"
             needs = (f"layout:{layout}", *variant_needs)
             out.append(
                 Feature(f"layer.{variant}.{layout}", "layer", method, needs, variant, layout, f"{layout}: {title}")
@@ -78,9 +79,64 @@ MODEL_FEATURES = [
             title="two adapters: switch the active one and back"),
 ]  # fmt: skip
 LAYER_FEATURES = _layer_features()
+
+# Issue 5 (docs/advanced-semantics.md): cases are conformance.advanced.AdaptersCase, checks in conformance.advanced
+_ADV = ("model_level", "target_modules_list")
+ADVANCED_FEATURES = [
+    Feature("model.merge.lora", "advanced", "model_merge", (*_ADV, "model_merge"), "merge_lora",
+            title="merge one or two LoRA adapters into GPT-2: logits before/after, W + ΔW, unmerge restores W"),
+    Feature("model.merge.lora_bias", "advanced", "model_merge", (*_ADV, "model_merge", "lora_bias"),
+            "merge_lora_bias", title="merge with lora_bias: the base bias gains s·b_B"),
+    Feature("model.merge.dora", "advanced", "model_merge", (*_ADV, "model_merge", "dora"), "merge_dora",
+            title="merge a DoRA adapter: W' = m ⊙ V/‖V‖, unmerge restores W"),
+    Feature("model.merge.safe", "advanced", "model_merge", (*_ADV, "model_merge"), "merge_safe",
+            title="safe merge refuses an adapter holding a NaN or an infinity"),
+    Feature("model.merge.safe_untouched", "advanced", "model_merge", (*_ADV, "model_merge"), "merge_safe_untouched",
+            title="a refused safe merge leaves every weight as it was (the bad value in the last module)"),
+    Feature("model.merge.unload", "advanced", "merge_and_unload", (*_ADV, "merge_and_unload"), "unload",
+            title="merge_and_unload writes a plain GPT-2 checkpoint that loads with the same logits"),
+    Feature("model.dora", "advanced", "model_adapters", (*_ADV, "dora"), "dora",
+            title="DoRA: logits, loss, detached-norm gradients of A, B and the magnitude (eval mode)"),
+    Feature("model.dora.dropout", "advanced", "model_adapters", (*_ADV, "dora", "dropout_mask_injection"),
+            "dora_dropout", title="DoRA with injected LoRA dropout keep-masks (PEFT's dropout form)"),
+    Feature("model.dora.init", "advanced", "init_adapter", (*_ADV, "dora", "init:true"), "dora_init",
+            title="DoRA at init: magnitude = row norms of W, file key lora_magnitude_vector, output = base"),
+    Feature("model.init.true", "advanced", "init_adapter", (*_ADV, "init:true"), "init_true",
+            title="init_lora_weights=True: A ~ U(±1/√in) (KS test), B = 0, output = base"),
+    Feature("model.init.gaussian", "advanced", "init_adapter", (*_ADV, "init:gaussian"), "init_gaussian",
+            title="init_lora_weights='gaussian': A ~ N(0, 1/r²) (KS test), B = 0, output = base"),
+    Feature("model.init.false", "advanced", "init_adapter", (*_ADV, "init:false"), "init_false",
+            title="init_lora_weights=False: A ~ U(±1/√in), B ~ U(±1/√r) (KS tests)"),
+    Feature("model.init.pissa", "advanced", "init_adapter", (*_ADV, "init:pissa"), "init_pissa",
+            title="PiSSA: s·BA = top-r SVD part, residual base, output unchanged at init"),
+    Feature("model.init.olora", "advanced", "init_adapter", (*_ADV, "init:olora"), "init_olora",
+            title="OLoRA: s·BA = Q_r R_r of Wt, residual base, output unchanged at init"),
+    Feature("model.adapters.active", "advanced", "model_adapters", (*_ADV, "multi_adapter"), "active",
+            title="several active adapters (any order): deltas add up; loss and every adapter's gradients"),
+    Feature("model.adapters.disabled", "advanced", "model_adapters", (*_ADV, "multi_adapter"), "disabled",
+            title="every adapter disabled: exactly the base model (bias 'none')"),
+    Feature("model.adapters.mixed_batch", "advanced", "model_adapters", (*_ADV, "multi_adapter", "mixed_batch"),
+            "mixed_batch", title="one adapter per row (and base rows): each row = its adapter alone"),
+    Feature("model.adapters.lora_bias", "advanced", "model_adapters", (*_ADV, "multi_adapter", "lora_bias"),
+            "multi_lora_bias", title="lora_bias adapters active together: logits and b_B gradients"),
+    Feature("model.adapters.dora_order", "advanced", "model_adapters", (*_ADV, "multi_adapter", "dora"),
+            "dora_order", title="a LoRA and a DoRA adapter active together: every delta from the base, order-free"),
+    Feature("model.weighted.cat", "advanced", "weighted_adapter", (*_ADV, "combination:cat"), "weighted_cat",
+            title="add_weighted_adapter 'cat': ΔW = Σ w_i ΔW_i exactly, new scaling 1"),
+    Feature("model.weighted.linear", "advanced", "weighted_adapter", (*_ADV, "combination:linear"),
+            "weighted_linear", title="'linear': PEFT's formula with its cross terms (float32-exact coefficients)"),
+    Feature("model.weighted.svd", "advanced", "weighted_adapter", (*_ADV, "combination:svd"), "weighted_svd",
+            title="'svd': the best rank-k approximation of Σ w_i ΔW_i"),
+    Feature("model.weighted.rslora", "advanced", "weighted_adapter", (*_ADV, "combination:cat", "rslora"),
+            "weighted_rslora", title="sources with use_rslora: the new adapter's scaling is still 1"),
+    Feature("model.weighted.lora_bias", "advanced", "weighted_adapter", (*_ADV, "combination:cat", "lora_bias"),
+            "weighted_lora_bias", title="lora_bias sources: b_B = Σ w_i s_i b_i"),
+    Feature("model.weighted.coefficients", "advanced", "weighted_adapter", (*_ADV, "combination:linear"),
+            "weighted_coefficients", title="'linear' in float64 with any weights: coefficients in float64"),
+]  # fmt: skip
 GOLDEN_FEATURE = Feature("golden.replay", "golden", "model_forward_backward", _MODEL, "golden",
                          title="the committed golden fixtures, as fixed regression points")  # fmt: skip
-FEATURES = {f.id: f for f in [*LAYER_FEATURES, *MODEL_FEATURES, GOLDEN_FEATURE]}
+FEATURES = {f.id: f for f in [*LAYER_FEATURES, *MODEL_FEATURES, *ADVANCED_FEATURES, GOLDEN_FEATURE]}
 
 
 def missing_capability(caps: Capabilities, needs: tuple[str, ...]) -> str | None:
@@ -98,6 +154,10 @@ def missing_capability(caps: Capabilities, needs: tuple[str, ...]) -> str | None
             note = "bias_modes"
         elif kind == "dtype":
             ok, note = value in caps.dtypes, "dtypes"
+        elif kind == "init":
+            ok, note = value in caps.init_methods, "init_methods"
+        elif kind == "combination":
+            ok, note = value in caps.weighted_combinations, "weighted_combinations"
         else:
             ok, note = bool(getattr(caps, kind)), kind
         if not ok:

@@ -34,7 +34,7 @@ def measure(candidate: str, examples: int, derandomize: bool, skip: list[str]) -
     failures = []
     profile = PROFILES["ci" if derandomize else "dev"]
     for feature in FEATURES.values():
-        if feature.level == "golden" or feature.id in skip or missing_capability(caps, feature.needs):
+        if feature.level in ("golden", "advanced") or feature.id in skip or missing_capability(caps, feature.needs):
             continue
         settings = profile.settings(feature.level, examples)
         settings(given(st.data())(_sampler(feature, caps, runner, needed, failures, candidate)))()

@@ -56,6 +56,7 @@ class Capabilities:
     layer_layouts: frozenset[str] = frozenset()  # subset of LAYOUTS; empty = no layer level
     model_level: bool = False  # can build GPT-2 (HF names) with LoRA and run it
     lora_alpha: bool = True  # takes lora_alpha and scales by alpha/r
+    model_lora_alpha: bool = True  # model level too (False: scaling 1 there, e.g. keras-hub's enable_lora(rank))
     rslora: bool = False  # alpha/sqrt(r)
     dropout_mask_injection: bool = False  # the reference's keep-mask can be put into the library's dropout
     bias_modes: frozenset[str] = frozenset({"none"})
@@ -67,9 +68,19 @@ class Capabilities:
     rank_alpha_pattern: bool = False
     position_ids: bool = False
     padding: bool = False  # attention_mask with padding
-    merge: bool = False  # layer level: merge / unmerge
+    merge: bool = False  # layer level: merge W + s·BA (layer_merge's merged_weight, merged_y)
+    unmerge: bool = True  # with merge: unmerge restores W (unmerged_weight); False for merge-only libraries
     adapter_files: bool = False  # model level: write/read PEFT-format adapter files
     adapter_switching: bool = False  # model level: hold two adapters and switch the active one
+    # docs/advanced-semantics.md; the optional methods and their AdaptersCase are documented in conformance/advanced.py
+    model_merge: bool = False  # model_merge(case): merge every adapter into the model, unmerge, safe merge
+    merge_and_unload: bool = False  # merge_and_unload(case, folder): a plain GPT-2 checkpoint (HF format)
+    dora: bool = False  # DoRA adapters (use_dora) in model_adapters / model_merge / init_adapter
+    lora_bias: bool = False  # LoraConfig(lora_bias=True): B has a bias
+    init_methods: frozenset[str] = frozenset()  # init_adapter(case): "true", "gaussian", "false", "pissa", "olora"
+    multi_adapter: bool = False  # model_adapters(case): several adapters, an ordered active set, disabled
+    mixed_batch: bool = False  # model_adapters(case) with one adapter name per row
+    weighted_combinations: frozenset[str] = frozenset()  # weighted_adapter(case): "cat", "linear", "svd"
     notes: dict[str, str] = field(default_factory=dict)  # capability name -> why missing / how mapped
 
 
@@ -142,7 +153,8 @@ class Driver(Protocol):
 
     def layer_merge(self, case: LayerCase) -> dict[str, np.ndarray]:
         """Merge the LoRA delta into the weight, unmerge it again. Returns ``merged_weight``,
-        ``merged_y`` (forward after merge), ``unmerged_weight`` (after merge then unmerge), in the case's layout."""
+        ``merged_y`` (forward after merge), ``unmerged_weight`` (after merge then unmerge), in the case's layout.
+        A library that merges but cannot unmerge (``Capabilities.unmerge=False``) returns the first two only."""
         ...
 
     def model_forward_backward(self, case: ModelCase) -> dict[str, Any]:

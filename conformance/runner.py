@@ -65,8 +65,19 @@ def shipped_drivers() -> list[str]:
     )
 
 
+def shipped_name(candidate: str) -> str:
+    """A shipped driver's module name for ``candidate``, which may be a library's own name (``adapters`` ->
+    ``adapters_hub``, see ``conformance.envs.ALIASES``); any other name is returned as is."""
+    from conformance.envs import ALIASES
+
+    return ALIASES.get(candidate, candidate)
+
+
 def load_driver(candidate: str):
-    """The driver object for ``NAME`` or ``package.module:object`` (see conformance/protocol.py)."""
+    """The driver object for ``NAME`` (a shipped driver or its alias) or ``package.module:object`` (see
+    conformance/protocol.py)."""
+    if ":" not in candidate:
+        candidate = shipped_name(candidate)
     if ":" in candidate:
         module_name, _, attr = candidate.partition(":")
         try:
@@ -121,7 +132,7 @@ def driver_info(driver, candidate: str) -> dict[str, Any]:
     """What the suite needs to know about a loaded driver, as JSON."""
     deviations = getattr(driver, "deviations", None)
     if deviations is None and ":" not in candidate:
-        default = Path(__file__).parent / "deviations" / f"{candidate}.json"
+        default = Path(__file__).parent / "deviations" / f"{shipped_name(candidate)}.json"
         deviations = default if default.is_file() else None
     return {
         "name": str(driver.name),
@@ -209,7 +220,9 @@ def deserialize(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 # ----------------------------------------------------------------------------------------------
 
 METHODS = ("layer_forward_backward", "layer_merge", "model_forward_backward", "save_adapter",
-           "load_adapter_logits", "model_switch_adapters")  # fmt: skip
+           "load_adapter_logits", "model_switch_adapters",
+           # optional, conformance/advanced.py
+           "model_adapters", "model_merge", "merge_and_unload", "init_adapter", "weighted_adapter")  # fmt: skip
 
 
 def call_driver(driver, method: str, spec: dict[str, Any], folder: str | None) -> Any:
@@ -222,7 +235,7 @@ def call_driver(driver, method: str, spec: dict[str, Any], folder: str | None) -
     if function is None:
         raise NotSupported(f"the driver has no {method}()")
     case = build_case(spec)
-    if method in ("save_adapter", "load_adapter_logits"):
+    if method in ("save_adapter", "load_adapter_logits", "merge_and_unload"):
         return function(case, Path(folder))
     return function(case)
 

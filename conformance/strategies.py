@@ -10,6 +10,7 @@ Rules that make a wrong candidate show (see docs/conformance.md):
   unnoticed. (GPT-2's own ``attn.c_proj`` is (C, C): there, and in every layer, the random, asymmetric values
   catch a transposed delta.)
 * B is never zero (``init="test"``), the scaling is never 1 (alpha ≠ r, alpha ≠ √r), rsLoRA draws use r ≥ 2.
+  (A candidate without ``Capabilities.lora_alpha`` gets alpha = r: scaling 1, the only one it has.)
 * dtypes: float64 first, then float32, then bfloat16, each only where the candidate declares it.
 * the simplest example (hypothesis tries it first) targets every GPT-2 module kind.
 """
@@ -43,8 +44,13 @@ def _dtype(data, caps: Capabilities, allowed: tuple[str, ...] = DTYPES) -> str:
     return data.draw(st.sampled_from([d for d in dtypes_for(caps) if d in allowed]), label="dtype")
 
 
-def _alpha(data, r: int, rslora: bool, label: str = "lora_alpha", most: int = 48) -> int:
-    """An integer alpha whose scaling is not 1 (a missing scaling must show) for both alpha/r and alpha/√r."""
+def _alpha(data, r: int, rslora: bool, label: str = "lora_alpha", most: int = 48, scaled: bool = True) -> int:
+    """An integer alpha whose scaling is not 1 (a missing scaling must show) for both alpha/r and alpha/√r.
+
+    ``scaled=False`` (a candidate without ``Capabilities.lora_alpha``: its scaling is always 1): alpha == r, so
+    that everything else is still checked; the scaling itself is then checked only for candidates that have it."""
+    if not scaled:
+        return r
     return data.draw(st.integers(1, most).filter(lambda a: a != r and not math.isclose(a, math.sqrt(r))), label=label)
 
 
@@ -80,7 +86,13 @@ def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
         forbidden = {in_f, out_f}
     rslora = variant == "rslora"
     r = _rank(data, forbidden, low=2 if rslora else 1)
-    spec.update(in_features=in_f, out_features=out_f, r=r, lora_alpha=_alpha(data, r, rslora), use_rslora=rslora)
+    spec.update(
+        in_features=in_f,
+        out_features=out_f,
+        r=r,
+        lora_alpha=_alpha(data, r, rslora, scaled=caps.lora_alpha),
+        use_rslora=rslora,
+    )
     if variant == "dropout":
         spec["lora_dropout"] = data.draw(st.sampled_from(DROPOUT_PS), label="lora_dropout")
         # mostly train mode (the mask is injected); eval mode (no dropout at all) a quarter of the time
@@ -141,9 +153,12 @@ def _targets(data, label: str = "target_modules", must: str | None = None) -> li
     return drawn
 
 
-def _lora(data, gpt2: dict[str, Any], *, rslora: bool = False, label: str = "", must: str | None = None) -> dict:
+def _lora(
+    data, gpt2: dict[str, Any], *, rslora: bool = False, label: str = "", must: str | None = None, scaled: bool = True
+) -> dict:
     r = _rank(data, _dims(gpt2), low=2 if rslora else 1, label=f"{label}r")
-    return {"r": r, "lora_alpha": _alpha(data, r, rslora, label=f"{label}lora_alpha", most=MODEL_MAX_ALPHA),
+    alpha = _alpha(data, r, rslora, label=f"{label}lora_alpha", most=MODEL_MAX_ALPHA, scaled=scaled)
+    return {"r": r, "lora_alpha": alpha,
             "target_modules": _targets(data, f"{label}target_modules", must), "use_rslora": rslora}  # fmt: skip
 
 
@@ -157,7 +172,8 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     rslora = variant == "rslora"
     if variant in ("adapter_save", "adapter_load") and caps.rslora:
         rslora = data.draw(st.booleans(), label="use_rslora")
-    lora = _lora(data, gpt2, rslora=rslora, must="c_attn" if variant == "qkv" else None)
+    scaled = caps.lora_alpha and caps.model_lora_alpha
+    lora = _lora(data, gpt2, rslora=rslora, must="c_attn" if variant == "qkv" else None, scaled=scaled)
     lora.update(lora_dropout=0.0, bias="none")
     if variant == "dropout":
         lora["lora_dropout"] = data.draw(st.sampled_from(DROPOUT_PS), label="lora_dropout")
@@ -196,7 +212,11 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
         modes = [m for m in ("none", "all", "lora_only") if m in caps.bias_modes]
         lora["bias"] = data.draw(st.sampled_from(modes), label="bias")
     if variant == "adapter_switch":
-        spec["second_lora"] = {**_lora(data, gpt2, label="second_"), "lora_dropout": 0.0, "bias": "none"}
+        spec["second_lora"] = {
+            **_lora(data, gpt2, label="second_", scaled=scaled),
+            "lora_dropout": 0.0,
+            "bias": "none",
+        }
     spec["gpt2"], spec["lora"] = gpt2, lora
     batch = data.draw(st.integers(1, 3), label="batch")
     seq_len = data.draw(st.integers(2, min(6, gpt2["n_positions"])), label="seq_len")

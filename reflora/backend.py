@@ -140,9 +140,17 @@ def for_each_row_block(work: Callable[[slice], None], x: Array) -> None:
             work(rows)
         return
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != threads:  # new after a fork or a change
-        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="reflora"))
-    for done in _POOL[2].map(work, blocks):  # re-raises the first exception of any block
-        del done
+        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads - 1, thread_name_prefix="reflora"))
+    shares = [blocks[i::threads] for i in range(threads)]  # this thread runs the first share itself
+    others = [_POOL[2].submit(_run_blocks, work, share) for share in shares[1:]]
+    _run_blocks(work, shares[0])
+    for other in others:
+        other.result()  # re-raises an exception from its blocks
+
+
+def _run_blocks(work: Callable[[slice], None], blocks: list[slice]) -> None:
+    for rows in blocks:
+        work(rows)
 
 
 def add_at_columns(xp, array: Array, columns: Array, values: Array) -> Array:

@@ -93,3 +93,62 @@ def test_bench_smoke_run_writes_json_and_plot(tmp_path, capsys):
 def test_bench_rejects_bad_options_before_running(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# the speed helpers of reflora.backend
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block_bytes", [1, 100, 1 << 20])
+def test_row_blocks_cover_every_row_once_in_a_multiple_of_the_threads(monkeypatch, threads, block_bytes):
+    import reflora.backend as backend
+
+    monkeypatch.setattr(backend, "BLOCK_BYTES", block_bytes)
+    x = np.zeros((37, 5))
+    blocks = backend.row_blocks(x, threads)
+    covered = [i for rows in blocks for i in range(37)[rows]]
+    assert covered == list(range(37))
+    assert len(blocks) == 37 or len(blocks) % threads == 0
+    assert max(r.stop - r.start for r in blocks) - min(r.stop - r.start for r in blocks) <= 1
+
+
+def test_for_each_row_block_runs_every_block_on_threads_and_reraises(monkeypatch):
+    import threading
+
+    import reflora.backend as backend
+
+    monkeypatch.setattr(backend, "BLOCK_BYTES", 8 * 5)  # one row of (N, 5) float64 per block
+    monkeypatch.setenv("REFLORA_NUM_THREADS", "2")
+    x = np.arange(40.0).reshape(8, 5)
+    out = np.zeros_like(x)
+    names = set()
+
+    def double(rows):
+        names.add(threading.current_thread().name)
+        out[rows, :] = 2 * x[rows, :]
+
+    backend.for_each_row_block(double, x)
+    np.testing.assert_array_equal(out, 2 * x)
+    assert len(names) == 2  # the caller and one pool thread
+
+    def fail(rows):
+        if rows.start == 5:
+            raise RuntimeError("block 5")
+
+    with pytest.raises(RuntimeError, match="block 5"):
+        backend.for_each_row_block(fail, x)
+
+
+def test_add_at_columns_matches_the_one_hot_update():
+    import array_api_strict as xps
+
+    from reflora.backend import add_at_columns
+
+    rng = np.random.default_rng(0)
+    array, columns, values = rng.standard_normal((6, 4)), rng.integers(0, 4, 6), rng.standard_normal(6)
+    expected = array + np.eye(4)[columns] * values[:, None]
+    np.testing.assert_array_equal(add_at_columns(np, array.copy(), columns, values), expected)
+    strict = add_at_columns(xps, xps.asarray(array), xps.asarray(columns), xps.asarray(values))
+    np.testing.assert_allclose(np.asarray(strict), expected, rtol=0, atol=1e-15)

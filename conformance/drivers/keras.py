@@ -47,6 +47,7 @@ capabilities = Capabilities(
     layer_layouts=frozenset({"conv1d"}),
     model_level=True,
     lora_alpha=True,
+    model_lora_alpha=False,
     rslora=False,
     dropout_mask_injection=False,
     bias_modes=frozenset({"none", "all", "lora_only"}),
@@ -62,6 +63,7 @@ capabilities = Capabilities(
     adapter_files=False,
     notes={
         "layer_layouts": "Dense's kernel is (in, out): the conv1d layout",
+        "model_lora_alpha": "GPT2Backbone.enable_lora(rank) passes no alpha: scaling 1 (lora_alpha == r) only",
         "lora_alpha": "Dense.enable_lora(rank, lora_alpha) scales by lora_alpha / rank; at model level "
         "GPT2Backbone.enable_lora(rank) passes no alpha, so only lora_alpha == r",
         "rslora": "lora_alpha / rank only",
@@ -151,6 +153,9 @@ def _targets(case: ModelCase) -> tuple[list[str], dict]:
         raise NotSupported(f"{name}: {capabilities.notes['target_modules_regex']}")
     if lora.lora_alpha != lora.r:
         raise NotSupported(f"{name}: GPT2Backbone.enable_lora(rank) takes no alpha: scaling 1 (lora_alpha == r) only")
+    if lora.bias != "none":  # bias_modes holds for the layer level (Dense returns its bias gradient)
+        raise NotSupported(f"{name}: at model level GPT2Backbone.enable_lora has one fixed behaviour (the adapted "
+                           "layers' biases stay trainable), not PEFT's bias modes")  # fmt: skip
     if case.config.n_inner is not None and case.config.n_inner != 4 * case.config.n_embd:
         raise NotSupported(f"{name}: keras-hub's GPT-2 converter uses intermediate_dim = 4·n_embd")
     plan = plan_lora(case.config, lora)
@@ -239,8 +244,8 @@ def model_forward_backward(case: ModelCase) -> dict:
         out["grads"][key] = from_keras(to_numpy(grad if grad is not None else torch.zeros_like(variable.value)))
         out["trainable"][key] = int(np.prod(variable.shape))
         mapped.add(variable.path)
-    for path in set(trainable) - mapped:  # what else the library trains, under its own name
-        out["trainable"][path] = int(np.prod(trainable[path].shape))
+    for path in set(trainable) - mapped:  # what else the library trains, under its own name ("/" would nest)
+        out["trainable"]["keras:" + path.replace("/", ".")] = int(np.prod(trainable[path].shape))
     return out
 
 

@@ -12,7 +12,8 @@ Mapping (litgpt/lora.py):
 * LoRA dropout: ``lora_dropout`` (``nn.Dropout`` when p > 0) on the LoRA branch's input; the driver puts a
   module computing ``x ⊙ M / (1 − p)`` with the reference's mask in its place.
 * trainable: ``litgpt.lora.mark_only_lora_as_trainable(model, bias="none" | "lora_only")``, litgpt's own switch.
-* merge: ``merge()`` folds B A into ``linear.weight``; there is no unmerge, so the capability is not claimed.
+* merge: ``merge()`` folds B A into ``linear.weight`` (and the forward then skips the LoRA branch); there is
+  no unmerge (capability unmerge=False).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from conformance.drivers._ecosystem import (
     keep_mask_dropout,
     lora_names,
     refuse_unsupported,
+    to_numpy,
     to_torch,
     torch_layer_results,
     trainable_names,
@@ -41,12 +43,13 @@ capabilities = Capabilities(
     bias_modes=frozenset({"none", "all", "lora_only"}),
     per_slice_qkv=True,
     dtypes=frozenset({"float64", "float32", "bfloat16"}),
-    merge=False,
+    merge=True,
+    unmerge=False,
     notes={
         "model_level": "litgpt's GPT is GPT-2-like, not GPT-2 (its own names, config and checkpoint conversion)",
         "layer_layouts": "LoRALinear wraps an nn.Linear: weight (out, in) only",
         "rslora": "litgpt scales by lora_alpha / r only",
-        "merge": "LoRALinear.merge() exists, there is no unmerge",
+        "unmerge": "LoRALinear.merge() folds B A into the weight; there is no unmerge",
         "bias_modes": "mark_only_lora_as_trainable(bias=...); the driver asks for 'lora_only' when the bias trains",
     },
 )
@@ -114,7 +117,17 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+    """``LoRALinear.merge()``: ``merged_weight`` (out, in) and ``merged_y`` (eval-mode forward of the merged
+    layer); no ``unmerged_weight``: litgpt has no unmerge (capability unmerge=False)."""
+    import torch
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build(case)
+    layer.eval()
+    layer.merge()
+    with torch.no_grad():
+        merged_y = layer(to_torch(case.x, case.dtype))
+    return {"merged_weight": to_numpy(layer.linear.weight), "merged_y": to_numpy(merged_y)}
 
 
 def model_forward_backward(case: ModelCase) -> dict:

@@ -34,7 +34,8 @@ capabilities = Capabilities(
     bias_modes=frozenset({"none"}),
     per_slice_qkv=False,
     dtypes=frozenset({"float64", "float32", "bfloat16"}),
-    merge=False,
+    merge=True,
+    unmerge=False,
     notes={
         "model_level": "from_module leaves transformers' Conv1D (all of GPT-2's projections) without LoRA, silently",
         "layer_layouts": "LoRA.from_module adapts nn.Linear (weight (out, in)) only",
@@ -44,7 +45,7 @@ capabilities = Capabilities(
         "(rank space), not on the input x",
         "per_slice_qkv": "no fused q/k/v support for Linear layers",
         "bias_modes": "LoRA.parameters() yields LoRA tensors only",
-        "merge": "merge_lora returns a merged copy; there is no unmerge",
+        "unmerge": "merge_lora returns a merged copy; there is no unmerge (remove_lora drops LoRA)",
     },
 )
 
@@ -90,19 +91,15 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     return out
 
 
-def merge_only(case: LayerCase) -> dict[str, np.ndarray]:
-    """``merge_lora``'s merged copy: ``merged_weight`` (out, in) and ``merged_y``. Not ``layer_merge``:
-    there is no unmerge to report."""
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    """``merge_lora``'s merged copy: ``merged_weight`` (out, in) and ``merged_y``; no ``unmerged_weight``:
+    there is no unmerge (capability unmerge=False)."""
     import torch
 
     refuse_unsupported(case, capabilities, name)
     merged = _build(case).merge_lora(inplace=False)
     with torch.no_grad():
         return {"merged_weight": to_numpy(merged.weight), "merged_y": to_numpy(merged(to_torch(case.x, case.dtype)))}
-
-
-def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
 
 
 def model_forward_backward(case: ModelCase) -> dict:

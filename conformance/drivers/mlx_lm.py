@@ -44,7 +44,8 @@ capabilities = Capabilities(
     rank_alpha_pattern=False,
     position_ids=False,
     padding=False,
-    merge=False,
+    merge=True,
+    unmerge=False,
     adapter_files=False,
     notes={
         "lora_alpha": "mapped: mlx-lm's scale is an absolute multiplier, the driver passes lora_alpha / r",
@@ -59,7 +60,7 @@ capabilities = Capabilities(
         "rank_alpha_pattern": "one rank and scale for every layer",
         "position_ids": "mlx-lm's GPT-2 computes arange(T) positions itself",
         "padding": "mlx-lm's GPT-2 takes no attention mask (causal only)",
-        "merge": "LoRALinear.fuse() returns a fused copy; there is no unmerge",
+        "unmerge": "LoRALinear.fuse() returns a fused copy; there is no unmerge",
         "adapter_files": "mlx-lm saves adapters.safetensors with its own names (lora_a (in, r)), not PEFT's format",
     },
 )
@@ -159,15 +160,11 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     return out
 
 
-def merge_only(case: LayerCase) -> dict[str, np.ndarray]:
-    """``fuse()``'s fused layer: ``merged_weight`` (out, in) and ``merged_y``. Not ``layer_merge``: no unmerge."""
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    """``fuse()``'s fused layer: ``merged_weight`` (out, in) and ``merged_y``; no unmerge (capability unmerge=False)."""
     refuse_unsupported(case, capabilities, name)
     fused = _build_layer(case).fuse()
     return {"merged_weight": _np(fused.weight), "merged_y": _np(fused(_mx(case.x, case.dtype)))}
-
-
-def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
 
 
 # ---------------------------------------------------------------------------------------------

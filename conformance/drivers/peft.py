@@ -35,8 +35,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'reflora[peft]' -c constraints.txt"
     ) from exc
 
+from conformance.advanced import COMBINED, AdaptersCase, targeted_keys
 from conformance.drivers import peft_bridge as bridge
 from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from reflora.targets import plan_lora
 
 PER_SLICE_NOTE = (
     "PEFT has no per-slice q/k/v LoRA: on a fused c_attn it adapts the whole (in, 3·n_embd) projection with one "
@@ -88,8 +90,17 @@ class PeftDriver:
         merge=True,
         adapter_files=True,
         adapter_switching=True,
+        model_merge=True,
+        merge_and_unload=True,
+        dora=True,
+        lora_bias=True,
+        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora"}),
+        multi_adapter=True,
+        mixed_batch=True,
+        weighted_combinations=frozenset({"cat", "linear", "svd"}),
         notes={
             "per_slice_qkv": PER_SLICE_NOTE,
+            "init_methods": "PiSSA and OLoRA run in float32 (PEFT refuses float64 for them)",
             "dropout_mask_injection": "lora_dropout['default'] is replaced by x·mask/(1 − p), what nn.Dropout "
             "computes for that mask",
         },
@@ -237,6 +248,101 @@ class PeftDriver:
             model.set_adapter("default")
             first_again = _np(model(**inputs).logits)
         return {"first": first, "second": second, "first_again": first_again}
+
+    # ------------------------------------------------------------------ conformance/advanced.py
+
+    def model_adapters(self, case: AdaptersCase) -> dict:
+        result = bridge.run_peft_adapters(
+            case.config, case.params, case.adapters, case.input_ids, active=case.active,
+            adapter_names=case.adapter_names, labels=case.labels, dropout_masks=case.dropout_masks,
+            wrt=case.wrt, dtype=case.dtype,
+        )  # fmt: skip
+        out = {k: v for k, v in result.items() if not k.startswith("grad/")}
+        out["grads"] = {k.removeprefix("grad/"): v for k, v in result.items() if k.startswith("grad/")}
+        return out
+
+    def _adapters_model(self, case: AdaptersCase):
+        model = bridge.build_peft_adapters(case.config, case.params, case.adapters, case.dtype)
+        model.eval()
+        model.base_model.set_adapter(list(case.adapters))
+        return model
+
+    def _targeted(self, case: AdaptersCase, model) -> dict[str, np.ndarray]:
+        plans = {}
+        for lora, _ in case.adapters.values():
+            plans.update(plan_lora(case.config, lora))
+        named = dict(model.named_parameters())
+        return {key: _np(named[bridge.live_base_name(key, plans)]) for key in targeted_keys(case)}
+
+    def model_merge(self, case: AdaptersCase) -> dict:
+        model = self._adapters_model(case)
+        names = list(case.adapters)
+        inputs = {"input_ids": torch.from_numpy(np.asarray(case.input_ids, dtype=np.int64))}
+        with torch.no_grad():
+            if case.safe:
+                try:
+                    model.base_model.merge_adapter(adapter_names=names, safe_merge=True)
+                    refused = False
+                except ValueError:
+                    refused = True
+                return {"refused": refused, "after": self._targeted(case, model)}
+            logits = _np(model(**inputs).logits)
+            model.base_model.merge_adapter(adapter_names=names)
+            merged_logits, merged = _np(model(**inputs).logits), self._targeted(case, model)
+            model.base_model.unmerge_adapter()
+            unmerged = self._targeted(case, model)
+        return {"logits": logits, "merged_logits": merged_logits, "merged": merged, "unmerged": unmerged}
+
+    def merge_and_unload(self, case: AdaptersCase, folder: Path) -> None:
+        model = self._adapters_model(case)
+        with torch.no_grad():
+            plain = model.merge_and_unload()
+        plain.save_pretrained(str(folder))
+
+    def init_adapter(self, case: AdaptersCase) -> dict:
+        from peft import get_peft_model, get_peft_model_state_dict
+
+        base = bridge.build_hf_model(case.config, case.params, case.dtype)
+        torch.manual_seed(case.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(base, PeftLoraConfig(**case.init_lora.to_peft_dict()), autocast_adapter_dtype=False)
+        model.eval()
+        plan = plan_lora(case.config, case.init_lora)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            logits = _np(model(input_ids=torch.from_numpy(np.asarray(case.input_ids, dtype=np.int64))).logits)
+        return {
+            "adapter": {k: _np(v) for k, v in get_peft_model_state_dict(model).items()},
+            "params": {f"{m}.weight": _np(named[bridge.live_base_name(f"{m}.weight", plan)]) for m in plan},
+            "logits": logits,
+        }
+
+    def weighted_adapter(self, case: AdaptersCase) -> dict:
+        model = bridge.build_peft_adapters(case.config, case.params, case.adapters, case.dtype)
+        c = case.combination
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_weighted_adapter(list(c["names"]), list(c["weights"]), COMBINED,
+                                       combination_type=c["combination_type"], svd_rank=c["svd_rank"])  # fmt: skip
+        model.eval()
+        model.base_model.set_adapter(COMBINED)
+        deltas, bias_deltas = {}, {}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if not hasattr(module, "lora_A") or COMBINED not in module.lora_A:
+                    continue
+                module_name = name.removeprefix(bridge.ADAPTER_PREFIX)
+                delta = module.get_delta_weight(COMBINED)
+                deltas[module_name] = _np(delta.T if module.fan_in_fan_out else delta)  # (out, in)
+                if module.lora_B[COMBINED].bias is not None:
+                    bias_deltas[module_name] = _np(module.lora_B[COMBINED].bias * module.scaling[COMBINED])
+            inputs = {"input_ids": torch.from_numpy(np.asarray(case.input_ids, dtype=np.int64))}
+            logits = _np(model(**inputs).logits)
+        out = {"deltas": deltas, "logits": logits}
+        if bias_deltas:
+            out["bias_deltas"] = bias_deltas
+        return out
 
 
 driver = PeftDriver()

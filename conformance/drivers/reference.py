@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance import reference
+from conformance import advanced, reference
 from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
-from reflora import __version__, load_adapter, save_adapter
+from reflora import __version__, load_adapter, save_adapter, save_gpt2
+from reflora.lora_init import init_adapter
+from reflora.merge import MergeError, merge_adapters, unmerge_adapters
+from reflora.model import gpt2_forward
 from reflora.targets import plan_lora, trainable_bias_keys
 
 
@@ -36,6 +39,14 @@ class ReferenceDriver:
         merge=True,
         adapter_files=True,
         adapter_switching=True,
+        model_merge=True,
+        merge_and_unload=True,
+        dora=True,
+        lora_bias=True,
+        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora"}),
+        multi_adapter=True,
+        mixed_batch=True,
+        weighted_combinations=frozenset({"cat", "linear", "svd"}),
         notes={"dtypes": "NumPy has no bfloat16"},
     )
 
@@ -73,6 +84,47 @@ class ReferenceDriver:
 
     def model_switch_adapters(self, case: ModelCase) -> dict:
         return reference.adapter_switch_logits(case, self._dtype(case))
+
+    # ------------------------------------------------------------------ conformance/advanced.py
+
+    def model_adapters(self, case: advanced.AdaptersCase) -> dict:
+        return advanced.adapters_forward_backward(case, self._dtype(case))
+
+    def model_merge(self, case: advanced.AdaptersCase) -> dict:
+        dtype = self._dtype(case)
+        if not case.safe:
+            return self._merge_round_trip(case, dtype)
+        params, adapters = advanced._cast(case.params, dtype), advanced._cast(case.adapters, dtype)
+        try:
+            merge_adapters(params, case.config, adapters, safe=True)
+            refused = False
+        except MergeError:
+            refused = True
+        return {"refused": refused, "after": {k: params[k] for k in advanced.targeted_keys(case)}}
+
+    def _merge_round_trip(self, case: advanced.AdaptersCase, dtype: str) -> dict:
+        params, adapters = advanced._cast(case.params, dtype), advanced._cast(case.adapters, dtype)
+        keys = advanced.targeted_keys(case)
+        logits = gpt2_forward(params, case.config, case.input_ids, adapters=adapters)[0]
+        merged, record = merge_adapters(params, case.config, adapters)
+        unmerged = unmerge_adapters(merged, case.config, adapters, record)
+        return {"logits": logits, "merged_logits": gpt2_forward(merged, case.config, case.input_ids)[0],
+                "merged": {k: merged[k] for k in keys}, "unmerged": {k: unmerged[k] for k in keys}}  # fmt: skip
+
+    def merge_and_unload(self, case: advanced.AdaptersCase, folder: Path) -> None:
+        save_gpt2(folder, advanced.unloaded_params(case, self._dtype(case)), case.config)
+
+    def init_adapter(self, case: advanced.AdaptersCase) -> dict:
+        dtype = self._dtype(case)
+        params = advanced._cast(case.params, dtype)
+        adapter, new_params = init_adapter(params, case.config, case.init_lora, np.random.default_rng(case.seed))
+        plan = plan_lora(case.config, case.init_lora)
+        logits = gpt2_forward(new_params, case.config, case.input_ids, adapter=adapter, lora=case.init_lora)[0]
+        return {"adapter": adapter, "params": {f"{m}.weight": new_params[f"{m}.weight"] for m in plan},
+                "logits": logits}  # fmt: skip
+
+    def weighted_adapter(self, case: advanced.AdaptersCase) -> dict:
+        return advanced.weighted_expectation(case, self._dtype(case))
 
 
 driver = ReferenceDriver()

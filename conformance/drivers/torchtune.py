@@ -9,8 +9,9 @@ Mapping (torchtune/modules/peft/lora.py):
   module computing ``x ⊙ M / (1 − p)`` with the reference's mask in its place.
 * trainable: ``set_trainable_params(model, get_adapter_params(model))`` as torchtune's LoRA recipes do. The
   adapter parameters are ``lora_a.weight`` and ``lora_b.weight`` only: torchtune never trains a base bias.
-* merge: ``get_merged_lora_ckpt`` folds LoRA into a *state dict* for export; there is no unmerge, so the
-  layer-level merge/unmerge capability is not claimed.
+* merge: ``get_merged_lora_ckpt`` folds LoRA into a *state dict* for export (the driver loads the merged
+  weight into a plain ``nn.Linear`` for the forward after merging); there is no unmerge (capability
+  unmerge=False).
 
 ``dora_forward_backward`` drives ``DoRALinear`` the same way (there is no DoRA in the protocol or the reference;
 the harness in tests/test_drivers_ecosystem.py checks it against the DoRA paper's closed form).
@@ -25,6 +26,7 @@ import numpy as np
 from conformance.drivers._ecosystem import (
     keep_mask_dropout,
     refuse_unsupported,
+    to_numpy,
     to_torch,
     torch_layer_results,
     trainable_names,
@@ -41,14 +43,15 @@ capabilities = Capabilities(
     bias_modes=frozenset({"none"}),
     per_slice_qkv=False,
     dtypes=frozenset({"float64", "float32", "bfloat16"}),
-    merge=False,
+    merge=True,
+    unmerge=False,
     notes={
         "model_level": "torchtune has no GPT-2 builder (its models are Llama-style, with separate q/k/v projections)",
         "layer_layouts": "LoRALinear stores weight as (out, in) only",
         "rslora": "LoRALinear scales by alpha / rank only",
         "per_slice_qkv": "torchtune's attention has separate q/k/v projections, each a LoRALinear",
         "bias_modes": "get_adapter_params returns lora_a / lora_b (and DoRA's magnitude): a base bias is never trained",
-        "merge": "get_merged_lora_ckpt merges a state dict for export; there is no unmerge",
+        "unmerge": "get_merged_lora_ckpt merges a state dict for export; there is no unmerge",
     },
 )
 
@@ -128,7 +131,21 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+    """``get_merged_lora_ckpt`` on the layer's state dict: ``merged_weight`` (out, in), and ``merged_y`` from
+    an ``nn.Linear`` holding the merged state dict (what torchtune's export produces); no unmerge."""
+    import torch
+    from torchtune.modules.peft import get_merged_lora_ckpt
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build(case)
+    state = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
+    merged = get_merged_lora_ckpt(state, rank=case.r, alpha=case.lora_alpha)
+    out_f, in_f = case.weight.shape
+    plain = torch.nn.Linear(in_f, out_f, bias=case.bias is not None).to(merged["layer.weight"].dtype)
+    plain.load_state_dict({k.removeprefix("layer."): v for k, v in merged.items()})
+    with torch.no_grad():
+        merged_y = plain(to_torch(case.x, case.dtype))
+    return {"merged_weight": to_numpy(merged["layer.weight"]), "merged_y": to_numpy(merged_y)}
 
 
 def model_forward_backward(case: ModelCase) -> dict:

@@ -265,7 +265,7 @@ class MergeWithoutScaling(Mutant):
 
 class UnmergeDoesNotRestore(Mutant):
     BUG = "unmerge leaves the merged weight in place"
-    MUST_FAIL = frozenset({"layer.merge.linear", "layer.merge.conv1d"})
+    MUST_FAIL = frozenset({"layer.unmerge.linear", "layer.unmerge.conv1d"})
     MUST_PASS = frozenset(LAYER_FB)
 
     def layer_merge(self, case):

@@ -1,0 +1,408 @@
+"""``reflora matrix``: every candidate library through the conformance suite, side by side.
+
+    reflora matrix                                   # every shipped driver, ci profile -> docs/
+    reflora matrix --candidates peft,loralib,mlx-lm  # a subset (names or aliases)
+    reflora matrix --render-only                     # re-render docs/ from the stored JSON reports
+
+Each candidate runs ``reflora conform --candidate NAME --profile ci --report-json ...`` in its own process:
+peft and reference in the current environment, every other one with ``--isolated`` (its group's virtual
+environment, built once by ``conformance.envs``). The JSON reports (format ``reflora-conformance/1``) are kept
+in the reports folder (default ``docs/conformance-reports/<driver>.json``), next to ``index.json`` (exit codes
+and seconds per candidate), and rendered into
+
+* ``docs/conformance-matrix.md``: features as rows, candidates as columns, each cell pass / FAIL / known
+  deviation / not supported, then the versions, dates and scores, and the reason of every failure and deviation;
+* ``docs/img/conformance-matrix.png``: the same matrix as a heatmap (matplotlib, imported lazily).
+
+The committed matrix is generated, never edited by hand: tests/test_matrix.py checks it renders exactly from the
+committed reports and agrees with the drivers' declared capabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DOCS = REPO / "docs"
+MATRIX_FILE = "conformance-matrix.md"
+IMAGE_FILE = Path("img") / "conformance-matrix.png"
+REPORTS_DIR = "conformance-reports"
+INDEX_FILE = "index.json"
+IN_CURRENT_ENV = ("reference", "peft")  # run without --isolated: the default environment has what they need
+FIRST = ("reference", "peft")  # column order: these first, then the others alphabetically
+
+LABEL = {"pass": "pass", "fail": "**FAIL**", "known_deviation": "known deviation", "not_supported": "not supported",
+         "skipped": "skipped", None: "no result"}  # fmt: skip
+SHORT = {"pass": "pass", "fail": "FAIL", "known_deviation": "deviation", "not_supported": "n/s", "skipped": "skip",
+         None: "?"}  # fmt: skip
+COLOUR = {"pass": "#4caf50", "fail": "#e53935", "known_deviation": "#ffb300", "not_supported": "#e0e0e0",
+          "skipped": "#bdbdbd", None: "#ffffff"}  # fmt: skip
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "matrix",
+        help="run every candidate library through the conformance suite and write the conformance matrix",
+        description="Run the conformance suite (ci profile) against every shipped candidate, each in its own "
+        "environment, and write docs/conformance-matrix.md, docs/img/conformance-matrix.png and the JSON reports.",
+    )
+    p.add_argument("--candidates", metavar="A,B,...", help="comma-separated candidates (default: every shipped one)")
+    p.add_argument("--profile", choices=["ci", "dev", "thorough"], default="ci", help="suite profile (default ci)")
+    p.add_argument("--max-examples", type=int, metavar="N", help="examples per feature, overriding the profile")
+    p.add_argument("--docs-dir", metavar="DIR", default=str(DEFAULT_DOCS),
+                   help="where conformance-matrix.md and img/conformance-matrix.png go (default: docs/)")  # fmt: skip
+    p.add_argument("--reports-dir", metavar="DIR",
+                   help="where the JSON reports go (default: <docs-dir>/conformance-reports)")  # fmt: skip
+    p.add_argument("--render-only", action="store_true", help="run nothing: re-render from the stored reports")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="candidates run at the same time (default 1; venvs of different groups build in parallel)")  # fmt: skip
+    p.add_argument("--no-image", action="store_true", help="skip the PNG heatmap")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------------
+# running the candidates
+# ----------------------------------------------------------------------------------------------
+
+
+def all_candidates() -> list[str]:
+    from conformance.runner import shipped_drivers
+
+    return order(shipped_drivers())
+
+
+def order(names) -> list[str]:
+    return sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
+
+
+def parse_candidates(text: str | None) -> list[str]:
+    """Driver names for ``--candidates`` (aliases such as ``adapters`` accepted); an unknown name is an error."""
+    from conformance.runner import shipped_name
+
+    shipped = all_candidates()
+    if not text:
+        return shipped
+    names = [shipped_name(n.strip()) for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in shipped]
+    if unknown:
+        raise ValueError(f"--candidates: unknown {', '.join(unknown)} (shipped: {', '.join(shipped)})")
+    return order(dict.fromkeys(names))
+
+
+def conform_command(candidate: str, report: Path, profile: str, max_examples: int | None) -> list[str]:
+    command = [sys.executable, "-m", "reflora.cli", "conform", "--candidate", candidate, "--profile", profile,
+               "--report-json", str(report)]  # fmt: skip
+    if max_examples is not None:
+        command += ["--max-examples", str(max_examples)]
+    if candidate not in IN_CURRENT_ENV:
+        command.append("--isolated")
+    return command
+
+
+def build_envs(candidates: list[str], jobs: int) -> dict[str, dict]:
+    """Build (or reuse) the venv of every group the isolated ``candidates`` need, ``jobs`` groups at a time
+    (before any candidate runs: two candidates of one group must not build its venv at once).
+    group -> {"seconds": ..., "error": ... (only when it failed)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conformance.envs import CANDIDATES, ensure_env
+
+    groups = list(dict.fromkeys(CANDIDATES[c] for c in candidates if c not in IN_CURRENT_ENV))
+
+    def build(group: str) -> dict:
+        print(f"[reflora matrix] venv {group}: building or reusing", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        entry: dict[str, Any] = {}
+        try:
+            ensure_env(group)
+        except Exception as exc:  # EnvError, or pip failing: that group's candidates get no report
+            entry["error"] = str(exc)
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"[reflora matrix] venv {group}: {entry['seconds']} s {entry.get('error', '')}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(zip(groups, pool.map(build, groups)))
+
+
+def run_candidate(candidate: str, reports_dir: Path, profile: str, max_examples: int | None, log: Path) -> dict:
+    """Run one candidate's suite; its index entry: exit code and seconds."""
+    report = reports_dir / f"{candidate}.json"
+    report.unlink(missing_ok=True)  # a stale report must never pass for this run's
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(conform_command(candidate, report, profile, max_examples), stdout=out,
+                              stderr=subprocess.STDOUT, cwd=REPO).returncode  # fmt: skip
+    entry: dict[str, Any] = {"exit_code": code, "run_seconds": round(time.perf_counter() - start, 1)}
+    if not report.is_file():
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+        entry["error"] = f"no report (exit code {code}): {tail}"
+    return entry
+
+
+def run_all(candidates: list[str], reports_dir: Path, profile: str, max_examples: int | None, jobs: int) -> dict:
+    """Build the venvs, then run every candidate, ``jobs`` at a time; the index (``reports_dir/index.json``)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conformance.envs import CANDIDATES
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="reflora-matrix-logs-"))  # not next to the reports: those get committed
+    started = time.perf_counter()
+    envs = build_envs(candidates, jobs)
+
+    def one(candidate: str) -> dict:
+        group = None if candidate in IN_CURRENT_ENV else CANDIDATES[candidate]
+        if group is not None and "error" in envs[group]:
+            return {"exit_code": None, "run_seconds": 0.0, "env": group, "error": f"venv: {envs[group]['error']}"}
+        log = log_dir / f"{candidate}.log"
+        print(f"[reflora matrix] {candidate}: running (log {log})", file=sys.stderr, flush=True)
+        entry = {"env": group or "current", **run_candidate(candidate, reports_dir, profile, max_examples, log)}
+        print(f"[reflora matrix] {candidate}: exit {entry['exit_code']}, {entry['run_seconds']} s"
+              + (f" ({entry['error']})" if "error" in entry else ""), file=sys.stderr, flush=True)  # fmt: skip
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        entries = dict(zip(candidates, pool.map(one, candidates)))
+    index = {"profile": profile, "max_examples": max_examples, "jobs": jobs,
+             "total_seconds": round(time.perf_counter() - started, 1), "envs": envs, "candidates": entries}  # fmt: skip
+    previous = read_index(reports_dir)
+    if previous is not None:  # a subset run keeps the other candidates' entries
+        index["envs"] = {**previous.get("envs", {}), **envs}
+        index["candidates"] = {**previous.get("candidates", {}), **entries}
+    (reports_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def read_index(reports_dir: Path) -> dict | None:
+    try:
+        return json.loads((reports_dir / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the reports
+# ----------------------------------------------------------------------------------------------
+
+
+def load_reports(reports_dir: Path) -> dict[str, dict]:
+    """driver name -> its JSON report, for every ``<driver>.json`` in the folder (index.json aside)."""
+    from conformance.report import FORMAT
+
+    reports = {}
+    for path in sorted(Path(reports_dir).glob("*.json")):
+        if path.name == INDEX_FILE:
+            continue
+        report = json.loads(path.read_text())
+        if report.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} report (format {report.get('format')!r})")
+        reports[path.stem] = report
+    return {name: reports[name] for name in order(reports)}
+
+
+def cells(reports: dict[str, dict]) -> dict[str, dict[str, dict | None]]:
+    """feature id -> candidate -> the report's feature entry (None: the report has no such feature).
+
+    Rows: every feature some report has, in ``conformance.features`` order; an id that is no longer a feature
+    comes last (tests/test_matrix.py flags it: the matrix is stale)."""
+    from conformance.features import FEATURES
+
+    by_candidate = {name: {f["id"]: f for f in r["features"]} for name, r in reports.items()}
+    reported = {f for table in by_candidate.values() for f in table}
+    feature_ids = [f for f in FEATURES if f in reported] + sorted(reported - set(FEATURES))
+    return {fid: {name: table.get(fid) for name, table in by_candidate.items()} for fid in dict.fromkeys(feature_ids)}
+
+
+def result_of(entry: dict | None) -> str | None:
+    return None if entry is None else entry["result"]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _versions(report: dict) -> str:
+    versions = report["candidate"]["versions"]  # {"candidate": "peft 0.21.2", "transformers": "5.24.0", ...}
+    named = [v if k in ("candidate", "framework") or v.startswith(k) else f"{k} {v}" for k, v in versions.items()]
+    return ", ".join(named)
+
+
+def _one_line(text: str | None, most: int = 300) -> str:
+    text = " ".join((text or "").split()).replace("|", "\\|")
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def render_markdown(reports: dict[str, dict], index: dict | None = None) -> str:
+    """The matrix page. Deterministic in the reports (and index): re-rendering gives the same bytes."""
+    from conformance.features import FEATURES
+
+    names = list(reports)
+    table = cells(reports)
+    created = sorted(r["created"] for r in reports.values())
+    profiles = sorted({r["settings"]["profile"] for r in reports.values()})
+    reflora_versions = sorted({r["reflora"]["version"] for r in reports.values()})
+    lines = [
+        "# Conformance matrix",
+        "",
+        "<!-- generated by `reflora matrix` from docs/conformance-reports/*.json; do not edit by hand "
+        "(re-render with `reflora matrix --render-only`) -->",
+        "",
+        "Every candidate LoRA library run through the conformance suite (docs/conformance.md) against reflora "
+        f"{', '.join(reflora_versions)}, profile `{'`, `'.join(profiles)}`, "
+        f"runs from {created[0][:10]} to {created[-1][:10]} (UTC). "
+        "A cell is **pass**, **FAIL** (an unknown disagreement with the reference), **known deviation** (a "
+        "documented difference, see docs/findings.md and the reasons below) or **not supported** (the library "
+        "lacks the capability; the driver declares it). Reproduce one column with "
+        "`reflora conform --candidate NAME --isolated --profile ci`.",
+        "",
+        "![conformance matrix](img/conformance-matrix.png)",
+        "",
+        "| feature | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for fid, row in table.items():
+        lines.append(f"| `{fid}` | " + " | ".join(LABEL[result_of(row[n])] for n in names) + " |")
+    lines += ["", "## Candidates", "", "| candidate | versions | run (UTC) | score | supported score | suite time |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, report in reports.items():
+        s = report["summary"]
+        lines.append(
+            f"| {name} | {_one_line(_versions(report))} | {report['created']} | {100 * s['score']:.0f}% "
+            f"({s['features_pass']}/{s['features'] - s['features_skipped']}) | {100 * s['supported_score']:.0f}% | "
+            f"{s['runtime_s']:.0f} s |"
+        )
+    failed = [] if index is None else [(n, e) for n, e in index.get("candidates", {}).items() if n not in reports]
+    for name, entry in failed:
+        lines.append(f"| {name} | no report: {_one_line(entry.get('error'), 200)} | | | | |")
+    lines += ["", "## Failures and known deviations", ""]
+    notes = 0
+    for fid, row in table.items():
+        for name in names:
+            entry = row[name]
+            if entry is None or entry["result"] not in ("fail", "known_deviation"):
+                continue
+            notes += 1
+            what = "FAIL" if entry["result"] == "fail" else "known deviation"
+            worst = entry.get("worst")
+            error = f" Worst: {worst['error']:.1e} ({worst['ratio']:.2g}× bound, {worst['dtype']})." if worst else ""
+            reason = _one_line(entry.get("reason") or _first_message(reports[name], fid))
+            lines.append(f"* **{name}**, `{fid}`, {what}: {reason}{error}")
+    if not notes:
+        lines.append("None.")
+    partial = [(name, t) for name, r in reports.items() for t in r["tests"]
+               if t["outcome"] == "passed" and (t.get("reason") or "").startswith("the driver refused")]  # fmt: skip
+    if partial:
+        lines += ["", "## Partly expressible features", "",
+                  "These passed on the drawn cases the library can express; the driver refused the others (the "
+                  "suite then draws another case):", ""]  # fmt: skip
+        lines += [f"* **{name}**, `{t['id']}`: {_one_line(t['reason'])}" for name, t in partial]
+    lines += ["", "Feature descriptions:", ""]
+    lines += [f"* `{fid}`: {FEATURES[fid].title}" for fid in table if fid in FEATURES]
+    return "\n".join(lines) + "\n"
+
+
+def _first_message(report: dict, feature_id: str) -> str:
+    for test in report["tests"]:
+        if test["feature"] == feature_id and test.get("message"):
+            first = next((line for line in test["message"].splitlines() if line.strip()), "")
+            return first
+    return ""
+
+
+def render_image(reports: dict[str, dict], path: Path) -> None:
+    """The matrix as a heatmap: one coloured, labelled cell per feature and candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    names = list(reports)
+    table = cells(reports)
+    features = list(table)
+    kinds = list(COLOUR)
+    grid = [[kinds.index(result_of(table[f][n])) for n in names] for f in features]  # (features, candidates)
+    width, height = max(9.0, 3.2 + 1.05 * len(names)), 1.6 + 0.32 * len(features)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    ax.imshow(grid, cmap=ListedColormap([COLOUR[k] for k in kinds]), vmin=0, vmax=len(kinds) - 1, aspect="auto")
+    for i, f in enumerate(features):
+        for j, n in enumerate(names):
+            result = result_of(table[f][n])
+            ax.text(j, i, SHORT[result], ha="center", va="center", fontsize=8,
+                    color="white" if result == "fail" else "black")  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(len(features)), features, fontsize=8)
+    ax.xaxis.tick_top()
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="left")
+    ax.set_xticks([x - 0.5 for x in range(1, len(names))], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, len(features))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    created = sorted(r["created"][:10] for r in reports.values())
+    caption = f"reflora conformance matrix, ci profile, runs {created[0]} to {created[-1]} (docs/conformance-matrix.md)"
+    shown = [k for k in COLOUR if any(result_of(table[f][n]) == k for f in features for n in names)]
+    handles = [Patch(facecolor=COLOUR[k], edgecolor="grey", label=LABEL[k].strip("*")) for k in shown]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(shown), fontsize=8,
+              frameon=False, title=caption, title_fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_outputs(reports_dir: Path, docs_dir: Path, image: bool = True) -> Path:
+    from reflora.checkpoint import atomic_write_bytes
+
+    reports = load_reports(reports_dir)
+    if not reports:
+        raise ValueError(f"no reports in {reports_dir}: run `reflora matrix` first")
+    page = docs_dir / MATRIX_FILE
+    atomic_write_bytes(page, render_markdown(reports, read_index(reports_dir)).encode())
+    if image:
+        render_image(reports, docs_dir / IMAGE_FILE)
+    return page
+
+
+def run(args: argparse.Namespace) -> int:
+    docs_dir = Path(args.docs_dir)
+    reports_dir = Path(args.reports_dir) if args.reports_dir else docs_dir / REPORTS_DIR
+    try:
+        if not args.render_only:
+            candidates = parse_candidates(args.candidates)
+            index = run_all(candidates, reports_dir, args.profile, args.max_examples, args.jobs)
+        page = write_outputs(reports_dir, docs_dir, image=not args.no_image)
+    except ValueError as exc:
+        print(f"reflora matrix: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}" + ("" if args.no_image else f" and {docs_dir / IMAGE_FILE}"))
+    if args.render_only:
+        return 0
+    broken = [n for n, e in index["candidates"].items() if n in candidates and e.get("exit_code") not in (0, 1)]
+    if broken:
+        print(f"reflora matrix: no usable run for {', '.join(broken)} (their logs are named above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.matrix")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["matrix", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
