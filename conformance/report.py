@@ -149,7 +149,7 @@ def render_text(report: dict[str, Any], width: int = 120) -> str:
         table.add_row(f["id"], label, str(f["examples"]), text)
     s = report["summary"]
     buffer = io.StringIO()
-    console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None)
+    console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None, emoji=False)
     console.print(table)
     console.print(
         f"conformance score: {100 * s['score']:.0f}% ({s['features_pass']} of {s['features'] - s['features_skipped']} "

@@ -29,6 +29,7 @@ from conformance.strategies import draw_layer_spec, draw_model_spec
 from conformance.tolerance import Comparison, IllConditioned
 
 NOT_SUPPORTED = "not supported: "
+MAX_REFUSED = 25  # draws a driver may refuse in a row, before any example ran, before the feature is not supported
 
 
 class ConformanceFailure(AssertionError):
@@ -134,6 +135,8 @@ class Suite:
             # draw of it (e.g. some target lists) is checked on the draws it can express
             record.refused += 1
             record.refusal = record.refusal or str(exc)
+            if record.refused >= MAX_REFUSED and not record.examples:  # do not spend hypothesis's whole budget
+                pytest.skip(f"{NOT_SUPPORTED}the driver says: {record.refusal} (it refused all {record.refused} draws)")
             reject()
             return
         except IllConditioned:

@@ -35,6 +35,15 @@ from typing import Any
 from reflora.config import GPT2Config, LoraConfig
 
 OPENBLAS_TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# The environment both workers run in unless --plain-env (docs/performance.md measures each variable):
+# glibc keeps freed memory for the next step instead of returning it to the system and faulting it back in
+# (arrays up to 32 MiB come from the heap, and the heap is never trimmed), and OpenBLAS's idle threads sleep
+# right after a product instead of spinning for ~0.1 s on the core that reflora's elementwise blocks want.
+STEP_ENVIRONMENT = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+    "OPENBLAS_THREAD_TIMEOUT": "4",
+}
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Position of each op inside a block, as reflora.model orders them: backpropagation stops at the lowest
 # position whose parameters are wanted, and a product below it is never executed.
@@ -71,11 +80,15 @@ def register(subparsers) -> None:
     run.add_argument("--matmul-n", type=int, default=2048, help="size of the n×n×n product for the machine's rate")
     run.add_argument("--no-float64", action="store_true", help="skip timing the reference in float64 as well")
     run.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE")
+    run.add_argument(
+        "--plain-env", action="store_true", help="do not set the allocator / OpenBLAS variables of STEP_ENVIRONMENT"
+    )
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for each worker")
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     out.add_argument("--sweep-seq-len", default=None, help="comma-separated sequence lengths to time as well")
     out.add_argument("--sweep-layers", default=None, help="comma-separated depths to time as well")
+    out.add_argument("--sweep-rounds", type=int, default=1, help="rounds of workers for the sweeps (default 1)")
     out.add_argument("--plot", type=Path, default=None, help="PNG of time against sequence length (needs the sweep)")
     parser.set_defaults(func=run_bench)
 
@@ -139,11 +152,13 @@ def step_flops(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig | 
 # ----------------------------------------------------------------------------------------------
 
 
-def worker_env(threads: int, keep_openblas_env: bool) -> tuple[dict[str, str], dict[str, str]]:
+def worker_env(threads: int, keep_openblas_env: bool, plain_env: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """The workers' environment, and the OpenBLAS tuning variables that were removed from it."""
     env = dict(os.environ)
     for name in THREAD_VARIABLES:
         env[name] = str(threads)
+    if not plain_env:
+        env.update(STEP_ENVIRONMENT)
     removed = {}
     if not keep_openblas_env:
         removed = {name: env.pop(name) for name in OPENBLAS_TUNING_VARIABLES if name in env}
@@ -208,10 +223,10 @@ def _pooled(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def measure_pair(args, impls: list[str], shapes: list[dict[str, int]], dtype: str, env) -> dict[str, Any]:
-    """Each implementation's per-shape results over ``--rounds`` rounds of fresh workers."""
+def measure_pair(args, impls: list[str], shapes: list[dict[str, int]], dtype: str, env, rounds: int) -> dict[str, Any]:
+    """Each implementation's per-shape results over ``rounds`` rounds of fresh workers."""
     runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = impls if round_index % 2 == 0 else impls[::-1]
         for impl in order:
             runs[impl].append(run_worker(_job(args, impl, shapes, dtype), env, args.timeout))
@@ -232,19 +247,8 @@ def _validate(args) -> list[str]:
     unknown = sorted(set(impls) - {"reference", "torch"})
     if unknown or not impls:
         raise SystemExit(f"reflora bench: --impl takes reference and/or torch, got {args.impl!r}")
-    for name in (
-        "batch",
-        "seq_len",
-        "layers",
-        "n_embd",
-        "n_head",
-        "vocab_size",
-        "threads",
-        "repeats",
-        "rounds",
-        "matmul_n",
-        "lora_r",
-    ):
+    positive = ("batch", "seq_len", "layers", "n_embd", "n_head", "vocab_size", "threads", "repeats", "rounds")
+    for name in (*positive, "sweep_rounds", "matmul_n", "lora_r"):
         if getattr(args, name) < 1:
             raise SystemExit(f"reflora bench: --{name.replace('_', '-')} must be at least 1")
     if max([args.seq_len, *_int_list(args.sweep_seq_len)]) > GPT2Config().n_positions:
@@ -282,7 +286,7 @@ def run_bench(args) -> int:
     impls = _validate(args)
     import numpy
 
-    env, removed = worker_env(args.threads, args.keep_openblas_env)
+    env, removed = worker_env(args.threads, args.keep_openblas_env, args.plain_env)
     main_shape = {"batch": args.batch, "seq_len": args.seq_len, "n_layer": args.layers}
     config = GPT2Config(n_layer=args.layers, **_model_overrides(args))
     lora = None
@@ -295,6 +299,7 @@ def run_bench(args) -> int:
                      "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "seed": args.seed},
         "settings": {"threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
                      "backend": args.backend, "device": args.device, "openblas_env_removed": removed,
+                     "environment": {} if args.plain_env else STEP_ENVIRONMENT,
                      "numpy": numpy.__version__},
         "machine": machine_description(),
         "flops": flops,
@@ -307,7 +312,7 @@ def run_bench(args) -> int:
     print(f"  matrix product {args.matmul_n}³ {args.dtype}: " + ", ".join(
         f"{k} {v:.0f} GFLOP/s" for k, v in matmul["gflops"].items()), flush=True)  # fmt: skip
 
-    results = measure_pair(args, impls, [main_shape], args.dtype, env)
+    results = measure_pair(args, impls, [main_shape], args.dtype, env, args.rounds)
     summary: dict[str, Any] = {}
     for impl, result in results.items():
         entry = result["shapes"][0]
@@ -325,7 +330,7 @@ def run_bench(args) -> int:
         summary["peak_memory_ratio_reference_over_torch"] = ref[peak] / torch_[peak]
         summary["loss_relative_difference"] = abs(ref["loss"] - torch_["loss"]) / abs(torch_["loss"])
     if "reference" in impls and args.dtype == "float32" and not args.no_float64:
-        other = measure_pair(args, ["reference"], [main_shape], "float64", env)["reference"]["shapes"][0]
+        other = measure_pair(args, ["reference"], [main_shape], "float64", env, args.rounds)["reference"]["shapes"][0]
         summary["reference_float64"] = {"median_s": other["median_s"], "times_s": other["times_s"]}
         summary["float64_over_float32"] = other["median_s"] / summary["reference"]["median_s"]
     report["results"] = summary
@@ -337,7 +342,7 @@ def run_bench(args) -> int:
         if not values:
             continue
         shapes = [{**main_shape, key: value} for value in values]
-        swept = measure_pair(args, impls, shapes, args.dtype, env)
+        swept = measure_pair(args, impls, shapes, args.dtype, env, args.sweep_rounds)
         rows = []
         for i, shape in enumerate(shapes):
             row = dict(shape)

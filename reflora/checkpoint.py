@@ -140,7 +140,9 @@ def load_gpt2(path: str | Path, config: GPT2Config | None = None) -> tuple[dict[
     missing = [k for k in expected if k not in tensors]
     unknown = [k for k in tensors if k not in expected]
     if missing or unknown:
-        raise CheckpointError(f"{file}: keys do not match GPT-2 {config}: missing {missing[:5]}, unexpected {unknown[:5]}")
+        raise CheckpointError(
+            f"{file}: keys do not match GPT-2 {config}: missing {missing[:5]}, unexpected {unknown[:5]}"
+        )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")

@@ -38,7 +38,13 @@ def inspect_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, Any]:
         "total_params": total,
         "trainable_fraction": trainable / total,
         "modules": {
-            name: {"r": m.r, "lora_alpha": m.lora_alpha, "scaling": m.scaling, "in": m.in_features, "out": m.out_features}
+            name: {
+                "r": m.r,
+                "lora_alpha": m.lora_alpha,
+                "scaling": m.scaling,
+                "in": m.in_features,
+                "out": m.out_features,
+            }
             for name, m in plan.items()
         },
         "lora_tensors": {key: list(shape) for key, shape in shapes.items()},
