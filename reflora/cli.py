@@ -5,6 +5,8 @@
 * ``reflora merge``: merge adapters into a GPT-2 checkpoint (``reflora.merge``)
 * ``reflora conform``: run the conformance suite against a candidate library (``conformance.cli``)
 * ``reflora bench``: time a LoRA training step against PyTorch (``reflora.bench``)
+* ``reflora train``, ``reflora experiment``, ``reflora trajectory``: training with the reference, the why-LoRA
+  experiment and the golden trajectories (all registered by ``reflora.train``)
 """
 
 from __future__ import annotations

@@ -177,19 +177,20 @@ def finetune(plan: Plan, base_folder: str, run: Run) -> dict[str, Any]:
     train = TrainConfig(steps=plan.finetune_steps, batch_size=plan.batch_size, seq_len=plan.seq_len,
                         schedule="cosine", warmup_steps=plan.warmup_steps, min_lr_ratio=plan.min_lr_ratio,
                         seed=run.seed, eval_windows=plan.validation_windows)  # fmt: skip
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tracemalloc.start()
     state = new_state(config, lora, base, optimizer, seed=run.seed, only=only)
     run_training(state, train, optimizer, splits)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     test = eval_windows(splits["test"], plan.seq_len, plan.test_windows)
     forgetting = eval_windows(pre_splits["test"], plan.seq_len, plan.forgetting_windows)
     result = {
         **asdict(run), "config_key": run.config_key,
         "trainable_params": int(sum(v.size for v in state.trainable().values())),
         "peak_bytes": int(peak), "seconds": seconds, "seconds_per_step": seconds / plan.finetune_steps,
+        "cpu_seconds_per_step": cpu_seconds / plan.finetune_steps,
         "validation_loss": state.evals[-1]["validation_loss"],
         "test_loss": evaluate(state.params, config, test, state.adapter, lora),
         "pretrain_test_loss": evaluate(state.params, config, forgetting, state.adapter, lora),
@@ -223,6 +224,7 @@ def update_spectra(before: dict, after: dict, n_layer: int) -> dict[str, list[fl
     return spectra
 
 
+@functools.lru_cache(maxsize=16)
 def random_spectrum(shape: tuple[int, int], draws: int) -> list[float]:
     """Mean singular values of ``draws`` Gaussian matrices of ``shape``: what an update with no structure gives."""
     rng = np.random.Generator(np.random.PCG64(1234))
@@ -357,6 +359,7 @@ class Summary:
     pretrain_test_mean: float
     peak_bytes: float
     seconds_per_step: float
+    cpu_seconds_per_step: float | None
     seeds: list[int] = field(default_factory=list)
 
 
@@ -377,6 +380,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Summary]:
             pretrain_test_mean=float(np.mean([r["pretrain_test_loss"] for r in runs])),
             peak_bytes=float(np.mean([r["peak_bytes"] for r in runs])),
             seconds_per_step=float(np.mean([r["seconds_per_step"] for r in runs])), seeds=[r["seed"] for r in runs],
+            cpu_seconds_per_step=float(np.mean([r["cpu_seconds_per_step"] for r in runs]))
+            if all("cpu_seconds_per_step" in r for r in runs) else None,
         )  # fmt: skip
     return summaries
 
@@ -470,11 +475,15 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, str]]:
         enough = next(x for x in lora if x.test_mean - best.test_mean <= noise)
         gap = best.test_mean - full.test_mean
         recovered = (before - best.test_mean) / (before - full.test_mean)
+        by_rank = {x.r: x for x in lora}
         label = TARGET_SHORT[targets]
         out.append({
             "claim": f"LoRA matches full fine-tuning ({label})",
-            "measured": f"best LoRA (r={best.r}) {best.test_mean:.4f} vs full {full.test_mean:.4f} nats/byte: gap "
-                        f"{gap:+.4f} (noise ±{noise:.4f}); LoRA gets {recovered:.0%} of full fine-tuning's improvement",
+            "measured": f"best LoRA (r={best.r}, {best.trainable_params / full.trainable_params:.0%} of the parameters) "
+                        f"{best.test_mean:.4f} vs full {full.test_mean:.4f} nats/byte: gap {gap:+.4f} (noise "
+                        f"±{noise:.4f}); it gets {recovered:.0%} of full fine-tuning's improvement over the base"
+                        + (f", r=8 gets {(before - by_rank[8].test_mean) / (before - full.test_mean):.0%}"
+                           if 8 in by_rank and best.r != 8 else ""),
             "verdict": "held" if gap <= noise else ("nearly" if recovered >= 0.9 else "did not hold"),
         })  # fmt: skip
         control = s.get(f"full/{targets}")
@@ -520,7 +529,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def write_figures(results: dict[str, Any], out: Path) -> list[str]:
-    """The three PNGs; returns their paths relative to ``out``."""
+    """The four PNGs; returns their paths relative to ``out``."""
     try:
         import matplotlib
     except ImportError:
@@ -597,6 +606,30 @@ def write_figures(results: dict[str, Any], out: Path) -> list[str]:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     names.append(_save(fig, out, "spectrum"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pre = results["pretrain"]
+    ax.scatter([pre["finetune_test_loss_before"]], [pre["pretrain_test_loss"]], color="gray", marker="x",
+               label="before fine-tuning")  # fmt: skip
+    for targets, marker, color in zip(TARGET_SETS, ("o", "s"), ("tab:blue", "tab:orange")):
+        lora = lora_line(s, targets)
+        ax.plot([x.test_mean for x in lora], [x.pretrain_test_mean for x in lora], marker=marker, color=color,
+                label=f"LoRA, {TARGET_SHORT[targets]} (r = {lora[0].r} … {lora[-1].r})")  # fmt: skip
+        for x in lora:
+            ax.annotate(
+                f"{x.r}", (x.test_mean, x.pretrain_test_mean), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        if f"full/{targets}" in s:
+            c = s[f"full/{targets}"]
+            ax.scatter([c.test_mean], [c.pretrain_test_mean], marker="D", color=color, edgecolor="black", zorder=3,
+                       label=f"full-rank ΔW, {TARGET_SHORT[targets]}' matrices")  # fmt: skip
+    ax.scatter([full.test_mean], [full.pretrain_test_mean], color="black", zorder=3, label="full fine-tuning")
+    ax.set_xlabel(f"loss on the new corpus, {results['plan']['finetune_corpus']} (test)")
+    ax.set_ylabel(f"loss on the old corpus, {results['plan']['pretrain_corpus']} (test)")
+    ax.set_title("Learning the new corpus against forgetting the old one")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    names.append(_save(fig, out, "forgetting"))
     return names
 
 
@@ -649,7 +682,8 @@ def render_page(results: dict[str, Any], figures: list[str], command: str) -> st
     lines += [
         "",
         f"Differences below the noise level (±{noise:.4f} nats/byte: twice the standard error of a difference of two "
-        f"means over {len(full.seeds)} seeds, from the pooled seed-to-seed spread) are treated as ties.",
+        f"means over {len(full.seeds)} seeds, from the pooled seed-to-seed spread) are treated as ties. \"Nearly\": "
+        "the gap exceeds the noise, but LoRA gets at least 90 % of full fine-tuning's improvement over the base.",
         "",
         "## Setup",
         "",
@@ -679,9 +713,13 @@ def render_page(results: dict[str, Any], figures: list[str], command: str) -> st
         "",
         f"![held-out loss against r]({figures[0]})",
         "",
-        "| configuration | r | trainable params | share of model | lr | test loss (mean ± std) | vs full | pretraining-corpus loss after | peak memory | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    timed = all(x.cpu_seconds_per_step is not None for x in s.values())
+    lines += [
+        "| configuration | r | trainable params | share of model | lr | test loss (mean ± std) | vs full | "
+        "pretraining-corpus loss after | peak memory |" + (" CPU time per step |" if timed else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else ""),
+    ]
     controls = [s[f"full/{t}"] for t in TARGET_SETS if f"full/{t}" in s]
     ordered = [full, *controls, *sorted((x for x in s.values() if x.method == "lora"), key=lambda x: (x.targets, x.r))]
     for x in ordered:
@@ -690,7 +728,8 @@ def render_page(results: dict[str, Any], figures: list[str], command: str) -> st
         lines.append(
             f"| {label} | {x.r or '–'} | {x.trainable_params:,} | {x.trainable_params / model_params:.2%} | "
             f"{x.lr:g}{edge} | {x.test_mean:.4f} ± {x.test_std:.4f} | {x.test_mean - full.test_mean:+.4f} | "
-            f"{x.pretrain_test_mean:.4f} | {x.peak_bytes / 2**20:.1f} MiB | {x.seconds_per_step * 1000:.0f} ms |"
+            f"{x.pretrain_test_mean:.4f} | {x.peak_bytes / 2**20:.1f} MiB |"
+            + (f" {x.cpu_seconds_per_step * 1000:.0f} ms |" if timed else "")
         )
     lines += [
         "",
@@ -733,6 +772,12 @@ def render_page(results: dict[str, Any], figures: list[str], command: str) -> st
     for row in update_table(results):
         reached = ", ".join(TARGET_SHORT[t] for t in row["reached_by"]) or "no target set"
         lines.append(f"| {row['group']} | {row['share']:.1%} | {row['relative_change']:.3f} | {reached} |")
+    if "full/all" in s:
+        wte = update_table(results)[0]
+        gap = s["full/all"].test_mean - full.test_mean
+        lines += ["", f"The token embedding takes {wte['share']:.0%} of the update's squared norm, yet a full-rank update "
+                  "of the four matrix kinds alone, with the embeddings, LayerNorms and biases frozen, ends "
+                  f"{gap:+.4f} from full fine-tuning" + (" (within noise)." if gap <= noise else ".")]  # fmt: skip
     lines += ["", "## What this shows, and what it does not", ""]
     lines += interpretation(results)
     lines += ["", "## Reproduce", "", "```bash", command, "```", "",
@@ -781,6 +826,9 @@ def interpretation(results: dict[str, Any]) -> list[str]:
             + (", more than the noise level: the MLP's first layer carries part of the update, and the seed's "
                "list leaves it out." if min(gain_lora, gain_full) > noise else ".")
         )  # fmt: skip
+    heavier = [f"r={x.r} on {TARGET_SHORT[x.targets]}, {x.peak_bytes / 2**20:.1f} MiB"
+               for x in sorted(s.values(), key=lambda x: (x.targets or "", x.r or 0))
+               if x.method == "lora" and x.peak_bytes > full.peak_bytes]  # fmt: skip
     if "lora/seed/r8" in s:
         r8 = s["lora/seed/r8"]
         out.append(
@@ -790,16 +838,34 @@ def interpretation(results: dict[str, Any]) -> list[str]:
             f"({r8.peak_bytes / full.peak_bytes:.0%}). LoRA saves the gradients and AdamW moments of the frozen "
             "tensors, 3 floats per parameter, which is little for a model this small, where the activations of a step "
             "dominate; the saving grows with the model, the activations with batch and context."
+            + (f" At the largest ranks LoRA even needs more than full fine-tuning ({', '.join(heavier)}): A and B, "
+               "their moments and the (N, r) activations of every branch outweigh what freezing saves."
+               if heavier else "")
         )  # fmt: skip
     pre_loss = results["pretrain"]["pretrain_test_loss"]
     forget_full = full.pretrain_test_mean - pre_loss
     lora_forget = [x.pretrain_test_mean - pre_loss for x in s.values() if x.method == "lora"]
+    full_types = [x for x in s.values() if x.method == "full"]
+    loras = [x for x in s.values() if x.method == "lora"]
+
+    def beats(a: Summary, b: Summary) -> bool:  # lower loss on both corpora
+        return a.test_mean < b.test_mean and a.pretrain_test_mean < b.pretrain_test_mean
+
+    lora_beaten = [_short_label(x) for x in loras if any(beats(f, x) for f in full_types)]
+    full_beaten = [_short_label(f) for f in full_types if any(beats(x, f) for x in loras)]
     out.append(
         f"- **Forgetting**: full fine-tuning changes the loss on the pretraining corpus by {forget_full:+.4f}; the "
         f"LoRA runs by {min(lora_forget):+.4f} to {max(lora_forget):+.4f}. "
-        + ("LoRA learns less of the new corpus and forgets less of the old one, the trade-off reported at larger "
-           "scale too." if max(lora_forget) < forget_full else "At this scale LoRA does not forget less.")
+        + ("LoRA forgets less, but it also learns less: plotted against each other (figure below), "
+           f"{len(lora_beaten)} of {len(loras)} LoRA configurations lose on both corpora to a full-rank one "
+           f"({'; '.join(lora_beaten) or 'none'}), and {len(full_beaten)} of {len(full_types)} full-rank "
+           f"configurations lose on both to a LoRA one ({'; '.join(full_beaten) or 'none'}). "
+           + ("The points lie close to one trade-off curve, which suggests that at this scale LoRA's smaller "
+              "forgetting is mostly its smaller learning rather than a property of the low rank."
+              if lora_beaten or full_beaten else "Neither kind dominates the other.")
+           if max(lora_forget) < forget_full else "At this scale LoRA does not forget less.")
     )  # fmt: skip
+
     rows = spectrum_table(results)
     median90 = float(np.median([row["rank90"] for row in rows]))
     ratio = float(np.mean([row["top8"] / row["random_top8"] for row in rows]))
@@ -812,6 +878,7 @@ def interpretation(results: dict[str, Any]) -> list[str]:
         + (", and the loss curve says the directions past the first 8 are worth having."
            if median90 > 8 else ", consistent with the claim.")
     )  # fmt: skip
+    out += ["", f"![learning against forgetting]({IMG_PREFIX}forgetting.png)"]
     sweet = [v["verdict"] for v in verdicts(results) if v["claim"].startswith("r = 4 to 16")]
     if sweet and all(v == "held" for v in sweet):
         outcome = "Even so, ranks 4 to 16 captured most of what the rank can buy here."
@@ -834,12 +901,27 @@ def interpretation(results: dict[str, Any]) -> list[str]:
         "",
         "Caveats. Fine-tuning is short "
         f"({plan['finetune_steps']} steps), each configuration's lr comes from a {len(plan['lora_lrs'])}-point grid "
-        "on one seed (a \"grid edge\" mark in the table means the best lr may lie outside it), alpha = 2r is one "
+        "on one seed" + _grid_edge_note(s) + ", alpha = 2r is one "
         "scaling convention among several (rsLoRA's α/√r is another), and the noise level counts seed-to-seed "
         f"spread only, with {len(plan['seeds'])} seeds. The measurements answer the question for this model and this shift; they do "
         "not say what a 7B model does, and neither does the seed article, which cites no measurement.",
     ]  # fmt: skip
     return out
+
+
+def _short_label(x: Summary) -> str:
+    if x.method == "lora":
+        return f"LoRA r={x.r} on {TARGET_SHORT[x.targets]}"
+    return _config_label(x)
+
+
+def _grid_edge_note(s: dict[str, Summary]) -> str:
+    """Which configurations chose an lr at the end of the grid (their best lr may lie beyond it)."""
+    edges = [f"{_short_label(x)} at {x.lr:g}" for x in s.values() if x.lr_at_grid_edge]
+    if not edges:
+        return " (every chosen lr is inside its grid)"
+    return (f" ({len(edges)} chose an lr at the end of the grid: {'; '.join(edges)}; a better lr beyond it could "
+            "only lower those losses)")  # fmt: skip
 
 
 def _n_params(plan: dict) -> dict[str, int]:

@@ -1251,5 +1251,15 @@ def _run_verify(args: argparse.Namespace) -> int:
         if worst is not None:
             console.print(f"worst {dtype} output error: {worst.worst_error:.2e} (rtol {RTOL[dtype]:.0e}) in "
                           f"{worst.name}: {worst.worst_tensor}", highlight=False)  # fmt: skip
+    if not args.fixtures and args.dir is None:  # the committed corpus: its trajectories too (reflora.trajectory)
+        from reflora.trajectory import verify_trajectory_corpus
+
+        trajectories = verify_trajectory_corpus()
+        for name, problems_of_case in trajectories.items():
+            for problem in problems_of_case:
+                console.print(f"[red]trajectory {name}[/]: {problem}", highlight=False)
+        bad = sum(1 for p in trajectories.values() if p)
+        console.print(f"trajectories: {len(trajectories) - bad} of {len(trajectories)} ok (golden/trajectories)")
+        ok = ok and bad == 0
     console.print("[green]verify: ok[/]" if ok else "[red]verify: FAILED[/]")
     return 0 if ok else 1

@@ -187,14 +187,14 @@ def gpt2_forward(
         qkv, c_attn_cache = linear(h1, f"{pre}.attn.c_attn")  # (N, 3C)
         att, att_cache = attention_forward(xp.reshape(qkv, (batch, seq_len, 3 * c)), visible, config.n_head)
         proj, c_proj_cache = linear(xp.reshape(att, (n, c)), f"{pre}.attn.c_proj")  # (N, C)
-        x = x + proj
+        x += proj  # x is this function's own buffer (tokens + positions), never cached
         h2, ln2_cache = layernorm_forward(
             x, params[f"{pre}.ln_2.weight"], params[f"{pre}.ln_2.bias"], config.layer_norm_epsilon
         )
         fc, fc_cache = linear(h2, f"{pre}.mlp.c_fc")  # (N, inner)
         act, gelu_cache = gelu_forward(fc)
         out, mlp_proj_cache = linear(act, f"{pre}.mlp.c_proj")  # (N, C)
-        x = x + out
+        x += out
         layers.append(
             (ln1_cache, c_attn_cache, att_cache, c_proj_cache, ln2_cache, fc_cache, gelu_cache, mlp_proj_cache)
         )
@@ -231,7 +231,9 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
     if lowest > ln_f_position:  # nothing below the head is wanted
         return {key: grads[key] for key in wanted}
     dhf = xp.matmul(dlogits2, wte)  # (N, C)
-    dx, dw, db = layernorm_backward(dhf, cache["lnf_cache"], params["transformer.ln_f.weight"])
+    dx, dw, db = layernorm_backward(
+        dhf, cache["lnf_cache"], params["transformer.ln_f.weight"], want_dparams=_wants_norm(wanted, "transformer.ln_f")
+    )
     _keep(grads, wanted, "transformer.ln_f.weight", dw)
     _keep(grads, wanted, "transformer.ln_f.bias", db)
     if lowest == ln_f_position:
@@ -287,12 +289,14 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
         dh2 = linear_backward(dfc, fc_cache, f"{pre}.mlp.c_fc", base + 4)
         if dh2 is None:
             break
-        dres, dw, db = layernorm_backward(dh2, ln2_cache, params[f"{pre}.ln_2.weight"])
+        dres, dw, db = layernorm_backward(
+            dh2, ln2_cache, params[f"{pre}.ln_2.weight"], want_dparams=_wants_norm(wanted, f"{pre}.ln_2")
+        )
         _keep(grads, wanted, f"{pre}.ln_2.weight", dw)
         _keep(grads, wanted, f"{pre}.ln_2.bias", db)
         if lowest >= base + 3:
             break
-        dx = dx + dres
+        dx += dres  # dx is a fresh gradient buffer, never cached
         # attention half: x = x + c_proj(attention(c_attn(ln_1(x))))
         datt = linear_backward(dx, c_proj_cache, f"{pre}.attn.c_proj", base + 2)
         if datt is None:
@@ -301,12 +305,14 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
         dh1 = linear_backward(xp.reshape(dqkv, (n, 3 * c)), c_attn_cache, f"{pre}.attn.c_attn", base + 1)
         if dh1 is None:
             break
-        dres, dw, db = layernorm_backward(dh1, ln1_cache, params[f"{pre}.ln_1.weight"])
+        dres, dw, db = layernorm_backward(
+            dh1, ln1_cache, params[f"{pre}.ln_1.weight"], want_dparams=_wants_norm(wanted, f"{pre}.ln_1")
+        )
         _keep(grads, wanted, f"{pre}.ln_1.weight", dw)
         _keep(grads, wanted, f"{pre}.ln_1.bias", db)
         if lowest >= base:
             break
-        dx = dx + dres
+        dx += dres  # dx is a fresh gradient buffer, never cached
     else:
         dembeds = xp.reshape(dx, (batch, seq_len, c))  # (B, T, C): gradient of wte[ids] + wpe[pos]
         if INPUTS_EMBEDS in wanted:
@@ -368,6 +374,11 @@ def adapter_trainable_keys(
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _wants_norm(wanted: set, name: str) -> bool:
+    """Whether a LayerNorm's weight or bias gradient is asked for (under LoRA the norms are frozen)."""
+    return f"{name}.weight" in wanted or f"{name}.bias" in wanted
 
 
 def _keep(grads: dict, wanted: set, key: str, value: Array | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -258,7 +259,7 @@ def test_why_lora_quick_writes_the_page_from_its_measurements(tmp_path):
     page = (out / "why-lora-works.md").read_text()
     results = json.loads((out / "why-lora-works.json").read_text())
     assert "Smoke test" in page and "| claim | measured | verdict |" in page
-    for name in ("loss-vs-rank", "params-memory", "spectrum"):
+    for name in ("loss-vs-rank", "params-memory", "spectrum", "forgetting"):
         assert (out / "img" / f"why-lora-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keys = {run["config_key"] for run in results["runs"]}
     assert {"full", "full/seed", "full/all", "lora/seed/r1", "lora/all/r64"} <= keys
@@ -290,3 +291,30 @@ def test_why_lora_quick_writes_the_page_from_its_measurements(tmp_path):
 def test_why_lora_quick_needs_an_out_folder():
     with pytest.raises(SystemExit, match="--out"):
         main(["experiment", "why-lora", "--quick"])
+
+
+@pytest.mark.torch
+def test_a_trained_adapter_loads_in_peft_and_gives_reflora_logits(tmp_path):
+    """The files ``reflora train`` writes are transformers' and PEFT's: load them with ``from_pretrained`` and the
+    logits agree with reflora's forward on the trained adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from reflora import gpt2_forward
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--steps", "3", "--lr", "0.05", "--dtype", "float64", *TINY_ARGS]) == 0
+    base_dir = out / "checkpoints" / "step-3"
+    params, config = load_gpt2(base_dir)
+    adapter, lora, _ = load_adapter(out / "adapter", config)
+    assert any(np.any(v != 0) for k, v in adapter.items() if "lora_B" in k)  # B moved away from its zero init
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers and PEFT deprecation chatter, not about these files
+        model = GPT2LMHeadModel.from_pretrained(base_dir, torch_dtype=torch.float64, attn_implementation="sdpa")
+        peft_model = PeftModel.from_pretrained(model, out / "adapter").eval()
+    ids = np.arange(16).reshape(2, 8) * 7 % VOCAB_SIZE
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    ours, _ = gpt2_forward(params, config, ids, adapter=adapter, lora=lora)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10 * np.abs(theirs).max())

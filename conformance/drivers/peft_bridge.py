@@ -80,14 +80,15 @@ def build_peft_model(
     named = dict(peft_model.named_parameters())
     with torch.no_grad():
         for key, value in adapter.items():
-            live = _live_adapter_name(key)
+            live = live_adapter_name(key)
             named[live].copy_(torch.from_numpy(np.array(value, dtype=np.float64)))
     peft_model.to(TORCH_DTYPES[dtype])
     peft_model.train()
     return peft_model
 
 
-def _live_adapter_name(file_key: str) -> str:
+def live_adapter_name(file_key: str) -> str:
+    """The live parameter name of an adapter file key: ``...lora_A.weight`` -> ``...lora_A.default.weight``."""
     head, _, tail = file_key.rpartition(".")  # tail == "weight"
     return f"{head}.default.{tail}"
 
@@ -154,7 +155,7 @@ def run_peft(
     for key in wrt:
         if key == "inputs_embeds":
             continue
-        live = _live_adapter_name(key) if key.startswith(ADAPTER_PREFIX) else base_name(key)
+        live = live_adapter_name(key) if key.startswith(ADAPTER_PREFIX) else base_name(key)
         named[live].requires_grad_(True)
         leaves[key] = named[live]
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
