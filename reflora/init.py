@@ -7,12 +7,11 @@ random too, so that a mistake in any of them shows.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from reflora.config import GPT2Config
-from reflora.targets import LoraModule, adapter_shapes, base_shapes
+from reflora.lora_init import draw_lora_bias, draw_lora_factors
+from reflora.targets import LoraModule, base_shapes
 
 LORA_INITS = ("test", True, False, "gaussian")
 
@@ -45,32 +44,19 @@ def init_lora_adapter(
     if init not in LORA_INITS:
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
     adapter = {}
-    for key, shape in adapter_shapes(plan).items():
-        if key.endswith(".lora_magnitude_vector"):
+    for module in plan.values():  # the order of adapter_shapes: per branch A, B, then b_B
+        if module.magnitude_key is not None:
             raise ValueError(
-                f"{key}: DoRA's magnitude starts at the row norms of the base weight, which this weight-free "
-                "init does not have; use reflora.lora_init.init_adapter(params, config, lora, rng)"
+                f"{module.magnitude_key}: DoRA's magnitude starts at the row norms of the base weight, which this "
+                "weight-free init does not have; use reflora.lora_init.init_adapter(params, config, lora, rng)"
             )
-        if ".lora_A." in key:  # A: (r, in)
-            rows, cols = shape
-            if init == "gaussian":
-                value = rng.normal(0.0, 1.0 / rows, size=shape)
-            else:
-                bound = 1.0 / math.sqrt(cols)
-                value = rng.uniform(-bound, bound, size=shape)
-        elif init in ("test", False):  # B: (out, r), or lora_bias b_B: (out,), both nn.Linear(r, out)'s init
-            r = shape[1] if len(shape) == 2 else _rank_of_bias(plan, key)
-            bound = 1.0 / math.sqrt(r)
-            value = rng.uniform(-bound, bound, size=shape)
-        else:
-            value = np.zeros(shape)
-        adapter[key] = value.astype(dtype)
+        for branch in module.branches:
+            n_out = branch.out_stop - branch.out_start
+            A, B = draw_lora_factors(init, module.r, module.in_features, n_out, rng)
+            adapter[branch.a_key], adapter[branch.b_key] = A.astype(dtype), B.astype(dtype)
+            if branch.bias_key is not None:
+                adapter[branch.bias_key] = draw_lora_bias(init, module.r, n_out, rng).astype(dtype)
     return adapter
-
-
-def _rank_of_bias(plan: dict[str, LoraModule], bias_key: str) -> int:
-    module = plan[bias_key.removeprefix("base_model.model.").split(".lora_B")[0]]
-    return module.r
 
 
 def draw_dropout_masks(

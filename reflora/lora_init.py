@@ -87,12 +87,30 @@ def init_lora_module(
         return LoraInit(A, B, xp.matrix_transpose(residual) if layout == "conv1d" else residual)
     if rng is None:
         raise ValueError(f"init {init!r} is random: pass rng (a numpy.random.Generator)")
-    if init == "gaussian":
-        A = rng.normal(0.0, 1.0 / r, size=(r, in_f))
-    else:
-        A = _uniform(rng, 1.0 / math.sqrt(in_f), (r, in_f))
-    B = _uniform(rng, 1.0 / math.sqrt(r), (out_f, r)) if init in (False, TEST_INIT) else np.zeros((out_f, r))
+    A, B = draw_lora_factors(init, r, in_f, out_f, rng)
     return LoraInit(_cast(xp, A, weight.dtype), _cast(xp, B, weight.dtype), weight)
+
+
+def draw_lora_factors(
+    init: bool | str, r: int, in_features: int, out_features: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The random inits' A (r, in) and B (out, r), float64 NumPy, drawn in that order (A first)."""
+    if init == "gaussian":
+        A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+    else:
+        A = _uniform(rng, 1.0 / math.sqrt(in_features), (r, in_features))
+    if init in (False, TEST_INIT):
+        B = _uniform(rng, 1.0 / math.sqrt(r), (out_features, r))
+    else:
+        B = np.zeros((out_features, r))
+    return A, B
+
+
+def draw_lora_bias(init: bool | str, r: int, n_out: int, rng: np.random.Generator) -> np.ndarray:
+    """``lora_bias``'s b_B (n_out,): ``nn.Linear(r, out)``'s U(±1/√r) under ``False`` and ``"test"``, else 0."""
+    if init in (False, TEST_INIT):
+        return _uniform(rng, 1.0 / math.sqrt(r), (n_out,))
+    return np.zeros((n_out,))
 
 
 def _cast(xp, array: np.ndarray, dtype) -> Array:
@@ -131,11 +149,7 @@ def init_adapter(
             if residual is not part:
                 weight = xp.concat([weight[:, : branch.out_start], residual, weight[:, branch.out_stop :]], axis=1)
             if branch.bias_key is not None:
-                n_out = branch.out_stop - branch.out_start
-                if init in (False, TEST_INIT):
-                    bias = _uniform(rng, 1.0 / math.sqrt(module.r), (n_out,))
-                else:
-                    bias = np.zeros((n_out,))
+                bias = draw_lora_bias(init, module.r, branch.out_stop - branch.out_start, rng)
                 adapter[branch.bias_key] = _cast(xp, bias, weight.dtype)
         new_params[key] = weight
         if module.magnitude_key is not None:
