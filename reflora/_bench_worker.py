@@ -7,7 +7,8 @@ line on stdout.
 
 Jobs (``"kind"``):
 
-* ``"matmul"``: the sustained rate of an n×n×n float matrix product, for NumPy (or CuPy) and torch.
+* ``"matmul"``: the sustained rate of an n×n×n float matrix product, for NumPy (or CuPy) and torch; with
+  ``"products"`` (``reflora.bench.step_products``), also the step's own products replayed alone in both.
 * ``"reference"``: ``reflora.gpt2_loss_and_grads`` on NumPy (or CuPy) arrays.
 * ``"torch"``: transformers ``GPT2LMHeadModel`` + PEFT, the loss and ``loss.backward()`` under eager autograd.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 import statistics
 import sys
@@ -323,7 +325,69 @@ def measure_matmul(job) -> dict[str, Any]:
             tsync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             times, _ = time_steps(lambda: torch.matmul(ta, tb), 2, repeats, tsync)
             rates["torch"] = 2 * n**3 / statistics.median(times) / 1e9
-    return {"n": n, "gflops": rates}
+    out: dict[str, Any] = {"n": n, "gflops": rates}
+    if job.get("products"):
+        out["products"] = measure_products(job, xp, sync)
+    return out
+
+
+def measure_products(job, xp, sync: Callable[[], None]) -> dict[str, Any]:
+    """The step's matrix products alone (``reflora.bench.step_products``), back to back, in NumPy (or CuPy) and
+    in torch on the same operands: the time a step would take if it did nothing but its products.
+
+    Operands are made once, as in the model: one array per weight, shared by the forward and the backward (so
+    that a weight is read from memory, not cache, as in a real step), one per activation; outputs are fresh.
+    Transposed operands are transposed views, as the reference passes them. Stacked (attention) products run
+    as one stacked matmul on contiguous operands."""
+    rng = np.random.default_rng(2)
+    weights: dict[str, np.ndarray] = {}
+
+    def operand(shape: tuple[int, ...], weight: str | None) -> np.ndarray:
+        if weight is None:
+            return rng.standard_normal(shape, dtype=np.float64).astype(job["dtype"])
+        if weight not in weights:
+            weights[weight] = rng.standard_normal(shape, dtype=np.float64).astype(job["dtype"])
+        if weights[weight].shape != shape:
+            raise ValueError(f"weight {weight} is used with shapes {weights[weight].shape} and {shape}")
+        return weights[weight]
+
+    pairs = []  # (a, b, a_transposed, b_transposed): NumPy arrays in their stored layout
+    flops = 0
+    for p in job["products"]:
+        stack = tuple(p["stack"])
+        a = operand(stack + ((p["k"], p["m"]) if p["a_transposed"] else (p["m"], p["k"])), None)
+        b = operand(stack + ((p["n"], p["k"]) if p["b_transposed"] else (p["k"], p["n"])), p["weight"])
+        pairs.append((a, b, p["a_transposed"], p["b_transposed"]))
+        flops += 2 * math.prod(stack) * p["m"] * p["k"] * p["n"]
+
+    def replay(lib, transpose, arrays) -> Callable[[], None]:
+        def run() -> None:
+            for a, b, a_t, b_t in arrays:
+                lib.matmul(transpose(a) if a_t else a, transpose(b) if b_t else b)
+
+        return run
+
+    on_device = [(xp.asarray(a), xp.asarray(b), a_t, b_t) for a, b, a_t, b_t in pairs]
+    runs = {job["backend"]: (replay(xp, lambda x: xp.swapaxes(x, -1, -2), on_device), sync)}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and job.get("with_torch", True):
+        device = torch.device(job["device"])
+        tensors = [
+            (torch.from_numpy(a).to(device), torch.from_numpy(b).to(device), a_t, b_t) for a, b, a_t, b_t in pairs
+        ]
+        tsync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        runs["torch"] = (replay(torch, lambda x: x.mT, tensors), tsync)
+    # two halves in opposite orders, so that a drift of the machine's speed hits both libraries alike
+    times: dict[str, list[float]] = {lib: [] for lib in runs}
+    for order in (list(runs), list(runs)[::-1]):
+        for lib in order:
+            times[lib] += time_steps(runs[lib][0], 1, max(1, job["repeats"] // 2), runs[lib][1])[0]
+    timed = {lib: statistics.median(ts) for lib, ts in times.items()}
+    return {"count": len(pairs), "flops": flops, "median_s": timed, "times_s": times,
+            "gflops": {lib: flops / t / 1e9 for lib, t in timed.items()}}  # fmt: skip
 
 
 def blas_info() -> list[dict[str, Any]]:

@@ -7,13 +7,14 @@ the standard (``to_numpy``, ``scatter_add_rows``, ``add_at_columns``), and each 
 carry the standard's ``__array_namespace__``, so ``namespace`` gives them array-api-compat's CuPy wrapper.
 
 ``for_each_row_block`` is the one concession to speed on the CPU: big elementwise passes (the softmax over
-the vocabulary, GELU, the attention softmax) go through their rows in blocks that fit in a core's L2 cache,
-on as many threads as the BLAS uses, so that a chain of NumPy operations reads main memory once and no core
-idles between two matrix products.
+the vocabulary, GELU, LayerNorm) and attention's small per-head products go through their rows in blocks that
+fit in a core's L2 cache, on as many threads as the BLAS uses (each block's products on one BLAS thread), so
+that a chain of NumPy operations reads main memory once and no core idles between two matrix products.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -99,6 +100,7 @@ def to_numpy(array: Array):
 # Bytes of one row block: half of a 2 MiB per-core L2 cache, leaving room for the block's temporaries.
 BLOCK_BYTES = 1 << 20
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool), made on first use
+_BLAS_CONTROLLER: Any = None  # threadpoolctl's controller, made on first use; False when not installed
 
 
 def num_threads() -> int:
@@ -142,10 +144,28 @@ def for_each_row_block(work: Callable[[slice], None], x: Array) -> None:
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != threads:  # new after a fork or a change
         _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads - 1, thread_name_prefix="reflora"))
     shares = [blocks[i::threads] for i in range(threads)]  # this thread runs the first share itself
-    others = [_POOL[2].submit(_run_blocks, work, share) for share in shares[1:]]
-    _run_blocks(work, shares[0])
-    for other in others:
-        other.result()  # re-raises an exception from its blocks
+    with _one_blas_thread_each():
+        others = [_POOL[2].submit(_run_blocks, work, share) for share in shares[1:]]
+        _run_blocks(work, shares[0])
+        for other in others:
+            other.result()  # re-raises an exception from its blocks
+
+
+def _one_blas_thread_each():
+    """While the blocks run, the BLAS uses one thread per call: the blocks are the parallelism, and a block's
+    small products (attention's per-head q kᵀ) then run side by side instead of queueing for the BLAS's own
+    threads. Needs threadpoolctl; without it the BLAS keeps its count (correct, only slower)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:
+        return contextlib.nullcontext()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _run_blocks(work: Callable[[slice], None], blocks: list[slice]) -> None:

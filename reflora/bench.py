@@ -13,8 +13,10 @@ A third worker measures the machine's sustained matrix-product rate (the best of
 n×n×n product in the run's dtype). Every figure is the median of ``--repeats`` steps after ``--warmup``;
 ``--rounds`` repeats the pair of workers (alternating their order) and pools the step times.
 
-FLOPs are counted from shapes (``step_flops``): 2·m·n·k for every matrix product the step executes
-(attention as the dense T×T products it computes); elementwise work is not counted.
+FLOPs are counted from shapes: ``step_products`` lists every matrix product the step executes (attention as
+the dense T×T products it computes) and ``step_flops`` sums 2·m·n·k over it; elementwise work is not counted.
+The matrix-product worker also replays that list alone in NumPy and in torch: the time a step made of nothing
+but its products would take with each library's BLAS, the floor under both implementations.
 
 ``--json PATH`` writes everything; ``--sweep-seq-len`` / ``--sweep-layers`` time more shapes (both
 implementations, one worker each); ``--plot PATH`` draws time against sequence length from the sweep.
@@ -24,13 +26,14 @@ See docs/performance.md for the figures and the command that produced them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from reflora.config import GPT2Config, LoraConfig
 
@@ -98,52 +101,124 @@ def register(subparsers) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def step_flops(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig | None) -> dict[str, int]:
-    """FLOPs of one training step, 2·m·n·k per matrix product, as the reference executes them.
+class Product(NamedTuple):
+    """One matrix product of the step, as the reference executes it: ``stack`` × (m, k) @ (k, n).
+
+    ``a_transposed`` / ``b_transposed``: the operand is the transpose of a C-ordered array (the reference
+    passes ``matrix_transpose`` views, so the BLAS reads it transposed). ``weight``: the model tensor that is
+    the right operand (the same array in the forward and the backward), or None for an activation.
+    """
+
+    phase: str  # "forward" or "backward"
+    what: str
+    stack: tuple[int, ...]
+    m: int
+    k: int
+    n: int
+    a_transposed: bool = False
+    b_transposed: bool = False
+    weight: str | None = None
+
+    @property
+    def flops(self) -> int:
+        return 2 * math.prod(self.stack) * self.m * self.k * self.n
+
+
+def step_products(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig | None) -> list[Product]:
+    """Every matrix product of one training step, in the order the reference executes them.
 
     Forward, with N = B·T, C = n_embd, F = the MLP width, V = vocab: per block the four Conv1D products
-    (N·C·3C, N·C·C, N·C·F, N·F·C), attention's S = q kᵀ and O = P v (B·H·T·T·d each, d = C/H, so B·T²·C), and
-    per LoRA branch x Aᵀ (N·in·r) and u Bᵀ (N·r·out); then the head N·C·V.
+    x W (N·C·3C, N·C·C, N·C·F, N·F·C), attention's S = q kᵀ and O = P v (B·H products of T·d·T each: the dense
+    T×T, as computed), and per LoRA branch x Aᵀ (N·in·r) and u Bᵀ (N·r·out); then the head h wteᵀ (N·C·V).
 
     Backward with ``lora`` (only the adapter is trained): the head's dX (N·V·C); per block, going down, each
-    Conv1D's dX (its forward's size) while a wanted tensor lies below it; attention's four products (dP, dv,
-    dq, dk) while one lies below it; per branch gB = g B (N·out·r), dB = gᵀ u (out·N·r), dA = gBᵀ x (r·N·in)
-    and, while a wanted tensor lies below, gB A (N·r·in). The frozen weights' dW are never computed.
-    With ``lora=None`` (full fine-tuning): every dX and every dW (the head's too: V·N·C).
+    Conv1D's dX = dy Wᵀ while a wanted tensor lies below it; attention's four products (dv = Pᵀ dO, dP = dO vᵀ,
+    dq = dS k, dk = dSᵀ q) while one lies below it; per branch gB = g B (N·out·r), dB = gᵀ u (out·N·r),
+    dA = gBᵀ x (r·N·in) and, while a wanted tensor lies below, gB A (N·r·in). The frozen weights' dW are never
+    computed. With ``lora=None`` (full fine-tuning): every dX and every dW = xᵀ dy (the head's too: V·N·C).
     """
     from reflora.targets import plan_lora
 
-    b, t, c, v = batch, seq_len, config.n_embd, config.vocab_size
-    n, inner = b * t, config.inner_dim
+    b, t, c, v, h = batch, seq_len, config.n_embd, config.vocab_size, config.n_head
+    n, inner, d = b * t, config.inner_dim, config.n_embd // config.n_head
     shapes = {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, inner), "mlp.c_proj": (inner, c)}
     plan = plan_lora(config, lora) if lora is not None else {}
-    if lora is None:
-        lowest = -1  # the embeddings are wanted: backpropagate through everything
-    else:
-        lowest = min(6 * m.layer + _OP_POSITION[m.kind] for m in plan.values())
-    attention = 2 * 2 * b * t * t * c  # S = q kᵀ and O = P v over all heads
-    forward = 2 * n * c * v
-    backward = 2 * n * v * c if lowest < 6 * config.n_layer else 0  # the head's dX
-    if lora is None:
-        backward += 2 * v * n * c  # the head's dW (tied to wte)
+    lowest = -1 if lora is None else min(6 * m.layer + _OP_POSITION[m.kind] for m in plan.values())
+    full = lora is None
+
+    def linear_forward(layer: int, kind: str) -> list[Product]:
+        name, (fan_in, fan_out) = f"transformer.h.{layer}.{kind}", shapes[kind]
+        out = [Product("forward", f"{name} x W", (), n, fan_in, fan_out, weight=f"{name}.weight")]
+        module = plan.get(name)
+        for i, branch in enumerate(module.branches if module is not None else ()):
+            out_b, r = branch.out_stop - branch.out_start, module.r
+            out.append(Product("forward", f"{name} x Aᵀ", (), n, fan_in, r, b_transposed=True, weight=f"{name}.A{i}"))
+            out.append(Product("forward", f"{name} u Bᵀ", (), n, r, out_b, b_transposed=True, weight=f"{name}.B{i}"))
+        return out
+
+    def linear_backward(layer: int, kind: str) -> list[Product]:
+        name, (fan_in, fan_out) = f"transformer.h.{layer}.{kind}", shapes[kind]
+        want_dx = 6 * layer + _OP_POSITION[kind] > lowest
+        out = []
+        if want_dx:
+            out.append(Product("backward", f"{name} dy Wᵀ", (), n, fan_out, fan_in, b_transposed=True,
+                               weight=f"{name}.weight"))  # fmt: skip
+        if full:
+            out.append(Product("backward", f"{name} xᵀ dy", (), fan_in, n, fan_out, a_transposed=True))
+        module = plan.get(name)
+        for i, branch in enumerate(module.branches if module is not None else ()):
+            out_b, r = branch.out_stop - branch.out_start, module.r
+            out.append(Product("backward", f"{name} g B", (), n, out_b, r, weight=f"{name}.B{i}"))
+            out.append(Product("backward", f"{name} gᵀ u", (), out_b, n, r, a_transposed=True))
+            out.append(Product("backward", f"{name} gBᵀ x", (), r, n, fan_in, a_transposed=True))
+            if want_dx:
+                out.append(Product("backward", f"{name} gB A", (), n, r, fan_in, weight=f"{name}.A{i}"))
+        return out
+
+    def attention(layer: int, phase: str) -> list[Product]:
+        name, stack = f"transformer.h.{layer}.attn", (b, h)
+        if phase == "forward":
+            return [Product(phase, f"{name} q kᵀ", stack, t, d, t, b_transposed=True),
+                    Product(phase, f"{name} P v", stack, t, t, d)]  # fmt: skip
+        return [Product(phase, f"{name} Pᵀ dO", stack, t, t, d, a_transposed=True),
+                Product(phase, f"{name} dO vᵀ", stack, t, d, t, b_transposed=True),
+                Product(phase, f"{name} dS k", stack, t, t, d),
+                Product(phase, f"{name} dSᵀ q", stack, t, t, d, a_transposed=True)]  # fmt: skip
+
+    products: list[Product] = []
     for layer in range(config.n_layer):
-        forward += attention
-        if 6 * layer + 2 > lowest:  # datt exists: attention's backward runs
-            backward += 2 * attention
-        for kind, (fan_in, fan_out) in shapes.items():
-            position = 6 * layer + _OP_POSITION[kind]
-            forward += 2 * n * fan_in * fan_out
-            if position > lowest:
-                backward += 2 * n * fan_out * fan_in  # dX
-            if lora is None:
-                backward += 2 * fan_in * n * fan_out  # dW
-            module = plan.get(f"transformer.h.{layer}.{kind}")
-            for branch in module.branches if module is not None else ():
-                out_b, r = branch.out_stop - branch.out_start, module.r
-                forward += 2 * n * fan_in * r + 2 * n * r * out_b
-                backward += 2 * n * out_b * r + 2 * out_b * n * r + 2 * r * n * fan_in
-                if position > lowest:
-                    backward += 2 * n * r * fan_in
+        products += linear_forward(layer, "attn.c_attn") + attention(layer, "forward")
+        products += linear_forward(layer, "attn.c_proj") + linear_forward(layer, "mlp.c_fc")
+        products += linear_forward(layer, "mlp.c_proj")
+    wte = "transformer.wte.weight"
+    products.append(Product("forward", "head h wteᵀ", (), n, c, v, b_transposed=True, weight=wte))
+    if full:
+        products.append(Product("backward", "head dlogitsᵀ h", (), v, n, c, a_transposed=True))
+    if lowest < 6 * config.n_layer:
+        products.append(Product("backward", "head dlogits wte", (), n, v, c, weight=wte))
+    for layer in reversed(range(config.n_layer)):
+        base = 6 * layer
+        for kind, position in (("mlp.c_proj", 5), ("mlp.c_fc", 4)):
+            products += linear_backward(layer, kind)
+            if base + position <= lowest:
+                return products
+        if base + 3 <= lowest:
+            return products
+        products += linear_backward(layer, "attn.c_proj")
+        if base + 2 <= lowest:
+            return products
+        products += attention(layer, "backward") + linear_backward(layer, "attn.c_attn")
+        if base + 1 <= lowest:
+            return products
+    return products
+
+
+def step_flops(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig | None) -> dict[str, int]:
+    """FLOPs of one training step: 2·m·n·k for every product of ``step_products`` (elementwise work is not
+    counted), split into forward and backward."""
+    products = step_products(config, batch, seq_len, lora)
+    forward = sum(p.flops for p in products if p.phase == "forward")
+    backward = sum(p.flops for p in products if p.phase == "backward")
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
@@ -306,11 +381,16 @@ def run_bench(args) -> int:
     }  # fmt: skip
     print(f"reflora bench: {_describe(report['workload'])}, {args.threads} threads", flush=True)
 
-    matmul = run_worker(_job(args, "matmul", [], args.dtype), env, args.timeout)
+    products = step_products(config, args.batch, args.seq_len, lora)
+    matmul_job = {**_job(args, "matmul", [], args.dtype), "products": [p._asdict() for p in products]}
+    matmul = run_worker(matmul_job, env, args.timeout)
     machine_gflops = max(matmul["gflops"].values())
     report["matmul"] = {**matmul, "machine_gflops": machine_gflops}
     print(f"  matrix product {args.matmul_n}³ {args.dtype}: " + ", ".join(
         f"{k} {v:.0f} GFLOP/s" for k, v in matmul["gflops"].items()), flush=True)  # fmt: skip
+    print(f"  the step's {len(products)} products alone: " + ", ".join(
+        f"{k} {t:.3f} s ({matmul['products']['gflops'][k]:.0f} GFLOP/s)"
+        for k, t in matmul["products"]["median_s"].items()), flush=True)  # fmt: skip
 
     results = measure_pair(args, impls, [main_shape], args.dtype, env, args.rounds)
     summary: dict[str, Any] = {}
@@ -329,6 +409,9 @@ def run_bench(args) -> int:
         peak = "peak_rss_bytes" if args.backend == "numpy" else "peak_device_bytes"
         summary["peak_memory_ratio_reference_over_torch"] = ref[peak] / torch_[peak]
         summary["loss_relative_difference"] = abs(ref["loss"] - torch_["loss"]) / abs(torch_["loss"])
+        alone = report["matmul"]["products"]["median_s"]
+        if args.backend in alone:  # the best ratio a step made of nothing but its products could reach
+            summary["ratio_products_alone_over_torch"] = alone[args.backend] / torch_["median_s"]
     if "reference" in impls and args.dtype == "float32" and not args.no_float64:
         other = measure_pair(args, ["reference"], [main_shape], "float64", env, args.rounds)["reference"]["shapes"][0]
         summary["reference_float64"] = {"median_s": other["median_s"], "times_s": other["times_s"]}
@@ -397,6 +480,11 @@ def _print_summary(summary: dict[str, Any], args) -> None:
     if "ratio_reference_over_torch" in summary:
         print(f"  reference / torch = {summary['ratio_reference_over_torch']:.3f}; "
               f"peak memory reference / torch = {summary['peak_memory_ratio_reference_over_torch']:.2f}")  # fmt: skip
+    if "ratio_products_alone_over_torch" in summary:
+        print(
+            f"  the reference's products alone / torch's step = {summary['ratio_products_alone_over_torch']:.3f} "
+            "(the ratio a step of nothing but matrix products would reach)"
+        )
     if "float64_over_float32" in summary:
         print(f"  reference float64 median {summary['reference_float64']['median_s']:.3f} s "
               f"= {summary['float64_over_float32']:.2f}x float32")  # fmt: skip

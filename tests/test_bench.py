@@ -4,12 +4,14 @@ tiny model. No timing is asserted: speed targets live in docs/performance.md, ne
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import numpy as np
 import pytest
 
 import reflora
-from reflora.bench import step_flops
+from reflora.bench import step_flops, step_products
 from reflora.cli import main
 
 TINY = reflora.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_head=2, n_layer=3)
@@ -20,25 +22,29 @@ TINY = reflora.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_head=2, n_
     [["c_attn", "c_proj"], ["c_fc"], ["mlp.c_proj"], None],
     ids=["c_attn+c_proj", "c_fc", "mlp.c_proj", "full-fine-tuning"],
 )
-def test_step_flops_counts_every_matrix_product_the_reference_executes(monkeypatch, targets):
+def test_step_products_are_the_matrix_products_the_reference_executes(monkeypatch, targets):
     rng = np.random.default_rng(0)
     params = reflora.init_gpt2_params(TINY, rng)
     lora = None if targets is None else reflora.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     adapter = None if lora is None else reflora.init_lora_adapter(reflora.plan_lora(TINY, lora), rng)
     ids = rng.integers(0, TINY.vocab_size, (2, 5))
-    executed = []
+    executed: Counter = Counter()  # (m, k, n) -> how many (m, k) @ (k, n) products, stacks unrolled
     matmul = np.matmul
 
     def counting_matmul(a, b, *args, **kwargs):
         out = matmul(a, b, *args, **kwargs)
-        executed.append(2 * out.size * a.shape[-1])
+        executed[(a.shape[-2], a.shape[-1], b.shape[-1])] += math.prod(out.shape[:-2])
         return out
 
     monkeypatch.setattr(np, "matmul", counting_matmul)
     reflora.gpt2_loss_and_grads(params, TINY, ids, ids, adapter=adapter, lora=lora)
     monkeypatch.undo()
+    listed: Counter = Counter()
+    for product in step_products(TINY, 2, 5, lora):
+        listed[(product.m, product.k, product.n)] += math.prod(product.stack)
+    assert listed == executed, f"step_products lists {listed - executed} too many, misses {executed - listed}"
     counted = step_flops(TINY, 2, 5, lora)
-    assert counted["total"] == sum(executed), f"step_flops says {counted}, the reference executed {sum(executed)}"
+    assert counted["total"] == sum(2 * m * k * n * count for (m, k, n), count in executed.items())
     assert counted["forward"] + counted["backward"] == counted["total"]
 
 
@@ -71,6 +77,14 @@ def test_bench_smoke_run_writes_json_and_plot(tmp_path, capsys):
     # same seeded weights and tokens on both sides: the losses agree to float32 rounding
     assert results["loss_relative_difference"] < 1e-5
     assert results["ratio_reference_over_torch"] > 0
+    products = report["matmul"]["products"]  # the step's products replayed alone, in NumPy and in torch
+    assert products["count"] == len(step_products(
+        reflora.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97),
+        2, 8, reflora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"]),
+    ))  # fmt: skip
+    assert products["flops"] == report["flops"]["total"]
+    assert products["median_s"]["numpy"] > 0 and products["median_s"]["torch"] > 0
+    assert results["ratio_products_alone_over_torch"] > 0
     assert results["float64_over_float32"] > 0
     assert report["flops"]["total"] == step_flops(
         reflora.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97),
@@ -139,6 +153,26 @@ def test_for_each_row_block_runs_every_block_on_threads_and_reraises(monkeypatch
 
     with pytest.raises(RuntimeError, match="block 5"):
         backend.for_each_row_block(fail, x)
+
+
+def test_blocks_run_their_products_on_one_blas_thread_each(monkeypatch):
+    """Blocks are the parallelism: while they run, each BLAS call uses one thread, and the count comes back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import reflora.backend as backend
+
+    monkeypatch.setattr(backend, "BLOCK_BYTES", 8 * 5)
+    monkeypatch.setenv("REFLORA_NUM_THREADS", "2")
+    controller = threadpoolctl.ThreadpoolController()
+    if not controller.select(user_api="blas").lib_controllers:
+        pytest.skip("no BLAS found by threadpoolctl")
+    with controller.limit(limits=2, user_api="blas"):
+        seen = []
+        backend.for_each_row_block(
+            lambda rows: seen.append(max(c.num_threads for c in threadpoolctl.ThreadpoolController().select(
+                user_api="blas").lib_controllers)), np.zeros((8, 5)))  # fmt: skip
+        assert seen and set(seen) == {1}
+        after = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        assert max(c.num_threads for c in after) == 2
 
 
 def test_add_at_columns_matches_the_one_hot_update():
