@@ -154,7 +154,8 @@ def for_each_row_block(work: Callable[[slice], None], x: Array) -> None:
 def _one_blas_thread_each():
     """While the blocks run, the BLAS uses one thread per call: the blocks are the parallelism, and a block's
     small products (attention's per-head q kᵀ) then run side by side instead of queueing for the BLAS's own
-    threads. Needs threadpoolctl; without it the BLAS keeps its count (correct, only slower)."""
+    threads. Needs threadpoolctl; without it the BLAS keeps its count (correct, only slower). The limit is
+    process-wide: two threads running reflora at once may leave the BLAS on one thread (slower, never wrong)."""
     global _BLAS_CONTROLLER
     if _BLAS_CONTROLLER is None:
         try:
