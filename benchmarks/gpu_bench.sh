@@ -22,9 +22,9 @@ print("gpu", torch.cuda.get_device_name(0))
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 # float32 main figures, float64 ratio, and a sequence-length sweep for the plot
-python3 -m reflora.cli bench --backend cupy --device cuda --warmup 3 --repeats 20 --rounds 2 \
+python3 -m reflora.tools bench --backend cupy --device cuda --warmup 3 --repeats 20 --rounds 2 \
   --matmul-n 8192 --sweep-seq-len 64,128,256,512,1024 \
   --json "$out/gpu-bench.json" --plot "$out/gpu-seq-len.png" 2>&1 | tee "$out/gpu-bench.log"
 # a bigger batch, where the GPU is busier than kernel launches
-python3 -m reflora.cli bench --backend cupy --device cuda --warmup 3 --repeats 20 --batch 32 --seq-len 512 \
+python3 -m reflora.tools bench --backend cupy --device cuda --warmup 3 --repeats 20 --batch 32 --seq-len 512 \
   --no-float64 --matmul-n 8192 --json "$out/gpu-bench-b32-t512.json" 2>&1 | tee -a "$out/gpu-bench.log"

@@ -1,12 +1,14 @@
-"""From a spec (``conformance.strategies``) to the arrays of a case, deterministically.
+"""From a spec (``conformance.strategies``) to the arrays of a case, deterministically: the one case builder.
 
 Every array is drawn in float64 from ``numpy.random.default_rng(spec["seed"])`` in the order written in each
 function below, so a spec is a complete, portable reproduction: the suite, the worker process that runs the
-candidate and ``reflora conform --replay`` all rebuild the same case from it.
+candidate and ``reflora conform --replay`` all rebuild the same case from it. ``perturbed`` makes the
+re-rounded copies of a case whose plain float32 evaluations set the tolerance (conformance.tolerance).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,24 +16,25 @@ from typing import Any
 import numpy as np
 
 from conformance.features import FEATURES
-from conformance.protocol import LayerCase, ModelCase
+from conformance.protocol import AdaptersCase, LayerCase, ModelCase
 from reflora.config import GPT2Config, LoraConfig
 from reflora.init import draw_dropout_masks, init_gpt2_params, init_lora_adapter
+from reflora.lora_init import init_adapter
+from reflora.model import adapter_trainable_keys
 from reflora.targets import plan_lora, trainable_bias_keys
 
 IGNORE_INDEX = -100
 MODEL_B_SCALE = 0.1  # see _scaled
 
 
-def build_case(spec: dict[str, Any]) -> LayerCase | ModelCase:
+def build_case(spec: dict[str, Any]) -> LayerCase | ModelCase | AdaptersCase:
+    """The case of any spec, by its feature's level."""
     level = FEATURES[spec["feature"]].level
     if level == "layer":
         return build_layer_case(spec)
     if level == "golden":
         return golden_model_case(spec)[0]
     if level == "advanced":  # merge, DoRA, inits, several adapters, weighted combinations
-        from conformance.advanced import build_advanced_case
-
         return build_advanced_case(spec)
     return build_model_case(spec)
 
@@ -134,6 +137,46 @@ def _scaled(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v * MODEL_B_SCALE if ".lora_B." in k else v for k, v in adapter.items()}
 
 
+def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
+    """Draw order: base (``init_gpt2_params``), per adapter in spec order ``init_adapter(init="test")`` (B and
+    b_B × 0.1), input_ids, labels, dropout masks per adapter (``dora_dropout``), the poisoned entry."""
+    rng = np.random.default_rng(spec["seed"])
+    config = GPT2Config(**spec["gpt2"])
+    params = init_gpt2_params(config, rng)
+    adapters = {}
+    for name, fields in spec["adapters"].items():
+        lora = LoraConfig(**fields)
+        tensors, _ = init_adapter(params, config, lora, rng, init="test")
+        tensors = _scaled(tensors)  # B and b_B × MODEL_B_SCALE
+        adapters[name] = (lora, tensors)
+    batch, seq_len = spec["batch"], spec["seq_len"]
+    input_ids = rng.integers(0, config.vocab_size, (batch, seq_len), dtype=np.int64)  # (B, T)
+    labels = rng.integers(0, config.vocab_size, (batch, seq_len), dtype=np.int64) if spec["labels"] else None
+    masks = None
+    if spec.get("dropout"):
+        masks = {name: draw_dropout_masks(plan_lora(config, lora), lora.lora_dropout, batch, seq_len, rng)
+                 for name, (lora, _) in adapters.items()}  # fmt: skip
+    if "poison" in spec:
+        lora, tensors = adapters["a0"]
+        keys = [k for k in tensors if ".lora_B." in k]  # model order
+        key = keys[-1] if spec["feature"].endswith("untouched") else keys[int(rng.integers(len(keys)))]
+        poisoned = tensors[key].copy()
+        poisoned.flat[int(rng.integers(poisoned.size))] = float(spec["poison"])
+        adapters["a0"] = (lora, {**tensors, key: poisoned})
+    names = spec.get("active")
+    if spec.get("adapter_names"):
+        participating = [name for name in adapters if name in spec["adapter_names"]]
+    else:
+        participating = names or []
+    wrt = adapter_trainable_keys(config, adapters, participating) if labels is not None else []
+    return AdaptersCase(
+        config=config, params=params, adapters=adapters, input_ids=input_ids, labels=labels, active=names,
+        adapter_names=spec.get("adapter_names"), dropout_masks=masks, wrt=wrt, safe="poison" in spec,
+        init_lora=LoraConfig(**spec["init"]) if "init" in spec else None, combination=spec.get("combination"),
+        dtype=spec["dtype"], seed=spec["seed"],
+    )  # fmt: skip
+
+
 def golden_model_case(spec: dict[str, Any]):
     """``(ModelCase, GoldenCase)`` of the fixture ``spec["fixture"]``; arrays upcast to float64, the
     candidate runs in the fixture's dtype."""
@@ -155,10 +198,10 @@ def golden_model_case(spec: dict[str, Any]):
     return case, golden
 
 
-def case_tensors(case: LayerCase | ModelCase) -> dict[str, np.ndarray]:
+def case_tensors(case: LayerCase | ModelCase | AdaptersCase) -> dict[str, np.ndarray]:
     """Every input array of a case under a flat name (golden fixture names at model level), for ``--dump``."""
     out: dict[str, np.ndarray] = {}
-    if not isinstance(case, (LayerCase, ModelCase)):  # conformance.advanced.AdaptersCase
+    if isinstance(case, AdaptersCase):
         return case.tensors()
     if isinstance(case, LayerCase):
         out.update(x=case.x, weight=case.weight, dy=case.dy)
@@ -185,3 +228,27 @@ def case_tensors(case: LayerCase | ModelCase) -> dict[str, np.ndarray]:
 def spec_json(spec: dict[str, Any]) -> str:
     """The one-line JSON form of a spec (what a reproduction prints and ``--replay`` reads)."""
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def perturbed(case, seed: int, size: float = 1.0):
+    """The case with every float input multiplied by (1 + δ), δ ~ U(±size·2⁻²⁴) (``size`` = 1: one float32
+    rounding), masks and integer inputs kept. A plain float32 evaluation of it samples another rounding of the
+    same computation (conformance.tolerance)."""
+    rng = np.random.default_rng(seed)
+
+    def jiggle(value):
+        if isinstance(value, dict):
+            return {k: jiggle(v) for k, v in value.items()}
+        if isinstance(value, tuple):  # an AdaptersCase's (LoraConfig, tensors)
+            return (value[0], jiggle(value[1]))
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            return value * (1.0 + size * 2.0**-24 * rng.uniform(-1.0, 1.0, value.shape))
+        return value
+
+    if isinstance(case, LayerCase):
+        names: tuple[str, ...] = ("x", "weight", "bias", "lora_A", "lora_B", "dy")
+    elif isinstance(case, AdaptersCase):
+        names = ("params", "adapters")
+    else:
+        names = ("params", "adapter", "dlogits", "trained_biases", "second_adapter")
+    return dataclasses.replace(case, **{name: jiggle(getattr(case, name)) for name in names})

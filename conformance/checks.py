@@ -1,9 +1,12 @@
 """One check: a spec in, the candidate's results compared with the reference's, a ``CheckResult`` out.
 
-``run_check(spec, call, candidate)`` is what every test example, every golden fixture and ``--replay`` runs.
-``call(method, spec, folder=None)`` invokes the candidate (conformance.runner). Every output and gradient
-tensor is compared (``conformance.tolerance``); the trainable set and every count must match exactly. A
-candidate that raises, crashes or hangs gives a result with ``error`` set.
+``run_check(spec, call)`` is what every test example, every golden fixture and ``--replay`` runs.
+``call(method, spec, folder=None)`` invokes the candidate (conformance.runner). The case comes from
+``conformance.cases``, the expectation from ``conformance.expectations``, the comparisons from
+``conformance.compare``: every output and gradient tensor is compared (``conformance.tolerance``); the
+trainable set and every count must match exactly. A candidate that raises, crashes or hangs gives a result
+with ``error`` set. The advanced level's checks (docs/advanced-semantics.md) are exact where the property is
+(a refused merge, a key set, B = 0) and statistical for random inits (KS tests).
 """
 
 from __future__ import annotations
@@ -17,24 +20,35 @@ from typing import Any
 
 import numpy as np
 
-from conformance import reference
-from conformance.cases import build_layer_case, build_model_case, golden_model_case, spec_json
+from conformance import expectations
+from conformance.cases import (
+    build_advanced_case,
+    build_layer_case,
+    build_model_case,
+    golden_model_case,
+    perturbed,
+    spec_json,
+)
+from conformance.compare import compare_ks, compare_set, compare_tensors, normal_cdf, uniform_cdf
+from conformance.expectations import ADVANCED_EXPECTATIONS, cast_tree
 from conformance.features import FEATURES
-from conformance.runner import CandidateError
+from conformance.protocol import AdaptersCase, CandidateError
 from conformance.tolerance import (
     MAX_FLOAT32_BOUND,
     PLAIN_SAMPLES,
     Comparison,
     IllConditioned,
     bound_for,
-    compare,
     exact,
     measured_error,
 )
-from reflora.checkpoint import CheckpointError, load_adapter, save_adapter
-from reflora.targets import plan_lora, trainable_bias_keys
+from reflora.checkpoint import CheckpointError, load_adapter, load_gpt2, save_adapter
+from reflora.model import gpt2_forward
+from reflora.targets import adapter_shapes, plan_lora, trainable_bias_keys
 
 Call = Callable[..., Any]
+# advanced level: the plain float32 evaluations per driver method (the case and re-rounded copies of it)
+PLAINS = {"model_adapters": 3, "model_merge": 3, "init_adapter": 8, "weighted_adapter": 3}
 
 
 @dataclass
@@ -104,8 +118,6 @@ def run_check(spec: dict[str, Any], call: Call) -> CheckResult:
         if feature.level == "layer":
             _check_layer(result, feature.method, call)
         elif feature.level == "advanced":  # merge, DoRA, inits, several adapters, weighted combinations
-            from conformance.advanced import check_advanced
-
             check_advanced(result, call)
         elif feature.method == "save_adapter":
             _check_adapter_save(result, call)
@@ -121,14 +133,14 @@ def run_check(spec: dict[str, Any], call: Call) -> CheckResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# comparisons
+# plain evaluations (the tolerance's evidence)
 # ----------------------------------------------------------------------------------------------
 
 
 def plain_evaluations(function: Callable, case) -> list:
     """``function(case, "float32")`` on the case and on ``PLAIN_SAMPLES − 1`` re-rounded copies of it: the
     spread of plain float32 evaluations of this computation (see conformance.tolerance)."""
-    cases = [case] + [reference.perturbed(case, seed) for seed in range(1, PLAIN_SAMPLES)]
+    cases = [case] + [perturbed(case, seed) for seed in range(1, PLAIN_SAMPLES)]
     return [function(c, "float32") for c in cases]
 
 
@@ -145,34 +157,6 @@ def reject_ill_conditioned(expected: dict, plains: list, dtype: str, prefix: str
                 raise IllConditioned(f"{prefix}{key}: float32 bound {bound:.1e} >= {MAX_FLOAT32_BOUND:.0e}")
 
 
-def _compare_tensors(
-    result: CheckResult, actual: Any, expected: dict, plains: list, dtype: str, prefix: str = ""
-) -> None:
-    """Compare every array of ``expected`` (nested dicts allowed) with ``actual`` at the same path; ``plains``
-    holds plain float32 evaluations with the structure of ``expected``."""
-    if not isinstance(actual, dict):
-        result.comparisons.append(
-            exact(prefix or "result", False, f"expected a dict of results, got {type(actual).__name__}")
-        )
-        return
-    for key, value in expected.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _compare_tensors(result, actual.get(key, {}), value, [p[key] for p in plains], dtype, f"{name}/")
-        else:
-            result.comparisons.append(compare(name, actual.get(key), value, [p[key] for p in plains], dtype))
-
-
-def _compare_set(result: CheckResult, name: str, actual, expected) -> None:
-    actual, expected = sorted(map(str, actual or [])), sorted(expected)
-    extra = [k for k in actual if k not in expected]
-    missing = [k for k in expected if k not in actual]
-    problem = (
-        f"extra {extra[:4]}{'...' if len(extra) > 4 else ''}, missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
-    )
-    result.comparisons.append(exact(name, not extra and not missing, problem))
-
-
 # ----------------------------------------------------------------------------------------------
 # layer level
 # ----------------------------------------------------------------------------------------------
@@ -184,23 +168,23 @@ MERGE_RESULTS = ("merged_weight", "merged_y")
 def _check_layer(result: CheckResult, method: str, call: Call) -> None:
     case = build_layer_case(result.spec)
     if method == "layer_merge":
-        expected, plains = reference.layer_merge(case, "float64"), plain_evaluations(reference.layer_merge, case)
+        expected, plains = expectations.layer_merge(case, "float64"), plain_evaluations(expectations.layer_merge, case)
         # feature layer.merge.*: the merged weight and forward; layer.unmerge.*: the weight after unmerging
         keep = ("unmerged_weight",) if FEATURES[result.spec["feature"]].variant == "unmerge" else MERGE_RESULTS
         expected = {k: v for k, v in expected.items() if k in keep}
         plains = [{k: v for k, v in plain.items() if k in keep} for plain in plains]
     else:
-        expected = reference.layer_forward_backward(case, "float64")
-        plains = plain_evaluations(reference.layer_forward_backward, case)
+        expected = expectations.layer_forward_backward(case, "float64")
+        plains = plain_evaluations(expectations.layer_forward_backward, case)
     result.expected = expected
     trainable = expected.pop("trainable", None)
     for plain in plains:
         plain.pop("trainable", None)
     reject_ill_conditioned(expected, plains, case.dtype)
     actual = result.actual = call(method, result.spec)
-    _compare_tensors(result, actual, expected, plains, case.dtype)
+    compare_tensors(result, actual, expected, plains, case.dtype)
     if trainable is not None:
-        _compare_set(result, "trainable", actual.get("trainable") if isinstance(actual, dict) else None, trainable)
+        compare_set(result, "trainable", actual.get("trainable") if isinstance(actual, dict) else None, trainable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +201,8 @@ def model_expectation(spec: dict[str, Any]):
         case = build_model_case(spec)
         return (
             case,
-            reference.model_forward_backward(case, "float64"),
-            plain_evaluations(reference.model_forward_backward, case),
+            expectations.model_forward_backward(case, "float64"),
+            plain_evaluations(expectations.model_forward_backward, case),
         )
     case, golden = golden_model_case(spec)
     stored: dict[str, Any] = {"logits": golden.logits, "grads": {k: golden.grads[k] for k in golden.wrt}}
@@ -226,8 +210,8 @@ def model_expectation(spec: dict[str, Any]):
         stored["loss"] = golden.loss
     stored["trainable"] = {k: int(np.asarray(golden.grads[k]).size) for k in golden.wrt}
     if case.dtype == "float64":
-        return case, stored, plain_evaluations(reference.model_forward_backward, case)
-    return case, reference.model_forward_backward(case, "float64"), [reference.to_float64(stored)]
+        return case, stored, plain_evaluations(expectations.model_forward_backward, case)
+    return case, expectations.model_forward_backward(case, "float64"), [expectations.to_float64(stored)]
 
 
 def _check_model(result: CheckResult, call: Call) -> None:
@@ -241,10 +225,10 @@ def _check_model(result: CheckResult, call: Call) -> None:
         return
     trainable = expected["trainable"]
     numeric = {k: v for k, v in expected.items() if k != "trainable"}
-    _compare_tensors(result, actual, numeric, plains, case.dtype)
+    compare_tensors(result, actual, numeric, plains, case.dtype)
     got_trainable = actual.get("trainable")
     got_trainable = got_trainable if isinstance(got_trainable, dict) else {}
-    _compare_set(result, "trainable set", got_trainable, trainable)
+    compare_set(result, "trainable set", got_trainable, trainable)
     wrong_counts = [k for k in trainable if k in got_trainable and int(got_trainable[k]) != trainable[k]]
     result.comparisons.append(
         exact(
@@ -278,7 +262,7 @@ def _check_adapter_save(result: CheckResult, call: Call) -> None:
             return
     result.actual = {"adapter": adapter, "biases": biases}
     want, got = plan_lora(case.config, case.lora), plan_lora(case.config, lora)
-    _compare_set(result, "adapted modules", list(got), list(want))
+    compare_set(result, "adapted modules", list(got), list(want))
     wrong = [
         n for n in want if n in got and (got[n].r != want[n].r or not math.isclose(got[n].scaling, want[n].scaling))
     ]
@@ -288,7 +272,7 @@ def _check_adapter_save(result: CheckResult, call: Call) -> None:
     result.comparisons.append(
         exact("bias mode", lora.bias == case.lora.bias, f"bias={lora.bias!r}, expected {case.lora.bias!r}")
     )
-    rounded = reference.NUMPY_DTYPES.get(case.dtype, np.float32)
+    rounded = expectations.NUMPY_DTYPES.get(case.dtype, np.float32)
     expected = {
         "adapter": dict(case.adapter),
         "biases": {k: case.params[k] for k in trainable_bias_keys(case.config, case.lora, want)},
@@ -298,7 +282,7 @@ def _check_adapter_save(result: CheckResult, call: Call) -> None:
         for group, values in expected.items()
     }
     result.expected = expected
-    _compare_tensors(result, result.actual, expected, [plain], case.dtype)
+    compare_tensors(result, result.actual, expected, [plain], case.dtype)
 
 
 def _file_dtype(dtype: str):
@@ -307,8 +291,8 @@ def _file_dtype(dtype: str):
 
 def _check_adapter_load(result: CheckResult, call: Call) -> None:
     case = build_model_case(result.spec)
-    expected = {"logits": reference.adapter_load_logits(case, "float64")}
-    plains = [{"logits": logits} for logits in plain_evaluations(reference.adapter_load_logits, case)]
+    expected = {"logits": expectations.adapter_load_logits(case, "float64")}
+    plains = [{"logits": logits} for logits in plain_evaluations(expectations.adapter_load_logits, case)]
     result.expected = expected
     reject_ill_conditioned(expected, plains, case.dtype)
     file_dtype = _file_dtype(case.dtype)
@@ -319,14 +303,126 @@ def _check_adapter_load(result: CheckResult, call: Call) -> None:
         save_adapter(folder, adapter, case.lora, case.config, biases=biases or None)
         actual = call("load_adapter_logits", result.spec, str(folder))
     result.actual = {"logits": actual}
-    _compare_tensors(result, result.actual, expected, plains, case.dtype)
+    compare_tensors(result, result.actual, expected, plains, case.dtype)
 
 
 def _check_adapter_switch(result: CheckResult, call: Call) -> None:
     case = build_model_case(result.spec)
-    expected = reference.adapter_switch_logits(case, "float64")
-    plains = plain_evaluations(reference.adapter_switch_logits, case)
+    expected = expectations.adapter_switch_logits(case, "float64")
+    plains = plain_evaluations(expectations.adapter_switch_logits, case)
     result.expected = expected
     reject_ill_conditioned(expected, plains, case.dtype)
     result.actual = call("model_switch_adapters", result.spec)
-    _compare_tensors(result, result.actual, expected, plains, case.dtype)
+    compare_tensors(result, result.actual, expected, plains, case.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# advanced level: merge, DoRA, inits, several adapters, weighted combinations
+# ----------------------------------------------------------------------------------------------
+
+
+def check_advanced(result: CheckResult, call: Call) -> None:
+    """Fill ``result`` for an advanced feature's spec (docs/advanced-semantics.md)."""
+    feature = FEATURES[result.spec["feature"]]
+    case = build_advanced_case(result.spec)
+    if feature.method == "merge_and_unload":
+        return _check_unload(result, case, call)
+    if case.safe:
+        expected = result.expected = expectations.safe_merge_expectation(case)
+        actual = result.actual = call("model_merge", result.spec)
+        refused = isinstance(actual, dict) and bool(actual.get("refused"))
+        result.comparisons.append(exact("safe merge refused", refused == expected["refused"],
+                                        f"refused={refused}, expected {expected['refused']} (a non-finite adapter)"))  # fmt: skip
+        if feature.variant != "merge_safe_untouched":
+            return
+        after = actual.get("after", {}) if isinstance(actual, dict) else {}
+        plain = [{"after": cast_tree(cast_tree(expected["after"], "float32"), "float64")}]
+        compare_tensors(result, {"after": after}, {"after": expected["after"]}, plain, case.dtype)
+        return
+    function = ADVANCED_EXPECTATIONS[feature.method]
+    expected = function(case, "float64")
+    # PiSSA/OLoRA: an SVD or QR has a backward error of ~dimension·u (Householder; Higham, Accuracy and Stability,
+    # 19.3), not u: the re-rounded copies get a relative perturbation of that size (4·n_embd, c_fc's width)
+    size = 4 * case.config.n_embd if feature.variant in ("init_pissa", "init_olora") else 1
+    copies = [case] + [perturbed(case, i, size) for i in range(1, PLAINS[feature.method])]
+    plains = [cast_tree(function(c, "float32"), "float64") for c in copies]
+    result.expected = expected
+    actual = result.actual = call(feature.method, result.spec)
+    if not isinstance(actual, dict):
+        result.comparisons.append(exact("result", False, f"expected a dict, got {type(actual).__name__}"))
+        return
+    if feature.method == "init_adapter":
+        _check_init(result, case, actual, expected, plains)
+        return
+    compare_tensors(result, actual, expected, plains, case.dtype)
+    if feature.method == "model_adapters" and case.wrt:
+        compare_set(result, "gradient keys", list((actual.get("grads") or {}).keys()), case.wrt)
+
+
+def _check_unload(result: CheckResult, case: AdaptersCase, call: Call) -> None:
+    expected = result.expected = {"params": expectations.unloaded_params(case, "float64")}
+    expected["logits"] = gpt2_forward(expected["params"], case.config, case.input_ids)[0]
+    plains = []
+    for c in [case, perturbed(case, 1), perturbed(case, 2)]:
+        params32 = expectations.unloaded_params(c, "float32")
+        plains.append(cast_tree({"params": params32, "logits": gpt2_forward(params32, c.config, c.input_ids)[0]},
+                            "float64"))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="reflora-conform-") as tmp:
+        folder = Path(tmp) / "merged"
+        folder.mkdir()
+        call("merge_and_unload", result.spec, str(folder))
+        try:
+            params, _ = load_gpt2(folder, case.config)
+        except Exception as exc:
+            result.comparisons.append(
+                exact("checkpoint", False, f"reflora cannot read it: {type(exc).__name__}: {exc}")
+            )
+            return
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    compare_set(result, "checkpoint keys", list(params), list(expected["params"]))
+    if set(params) != set(expected["params"]):
+        return
+    actual = result.actual = {"params": params, "logits": gpt2_forward(params, case.config, case.input_ids)[0]}
+    compare_tensors(result, actual, expected, plains, case.dtype)
+
+
+def _check_init(result: CheckResult, case: AdaptersCase, actual: dict, expected: dict, plains: list) -> None:
+    """Key set and shapes; random inits by KS (A, B) or B = 0; deterministic ones by sign-free quantities."""
+    lora = case.init_lora
+    plan = plan_lora(case.config, lora)
+    shapes = adapter_shapes(plan)
+    adapter = {k: np.asarray(v, dtype=np.float64) for k, v in (actual.get("adapter") or {}).items()}
+    compare_set(result, "adapter file keys", list(adapter), list(shapes))
+    wrong = [k for k in shapes if k in adapter and adapter[k].shape != tuple(shapes[k])]
+    result.comparisons.append(exact("adapter shapes", not wrong, f"{wrong[:3]} have the wrong shape"))
+    if set(adapter) != set(shapes) or wrong:
+        return
+    init = lora.init_lora_weights
+    if init in (True, False, "gaussian"):
+        a_samples, b_samples = [], []
+        for module in plan.values():
+            (branch,) = module.branches
+            a, b = adapter[branch.a_key], adapter[branch.b_key]
+            a_samples.append(a * module.r if init == "gaussian" else a * math.sqrt(module.in_features))
+            b_samples.append(b * math.sqrt(module.r))
+        if init == "gaussian":
+            compare_ks(result, "lora_A·r", a_samples, normal_cdf, "N(0, 1)")
+        else:
+            compare_ks(result, "lora_A·√in", a_samples, uniform_cdf, "U(−1, 1)")
+        if init is False:
+            compare_ks(result, "lora_B·√r", b_samples, uniform_cdf, "U(−1, 1)")
+        else:
+            nonzero = sum(int(np.count_nonzero(b)) for b in b_samples)
+            result.comparisons.append(exact("lora_B = 0", nonzero == 0, f"{nonzero} non-zero entries in lora_B"))
+    numeric = {k: v for k, v in expected.items() if k not in ("scaled_delta", "magnitude")}
+    actual_numeric = {"logits": actual.get("logits"), "params": actual.get("params") or {}}
+    if init is False:  # the adapter acts from the start: the output is not the base's
+        numeric.pop("logits")
+    compare_tensors(result, actual_numeric, numeric, [{k: p[k] for k in numeric} for p in plains], case.dtype)
+    derived: dict[str, Any] = {}
+    if "scaled_delta" in expected:
+        derived["scaled_delta"] = expectations.scaled_deltas(plan, adapter)
+    if "magnitude" in expected:
+        derived["magnitude"] = {m: adapter[mod.magnitude_key] for m, mod in plan.items()}
+    wanted = {k: expected[k] for k in derived}
+    compare_tensors(result, derived, wanted, [{k: p[k] for k in derived} for p in plains], case.dtype)

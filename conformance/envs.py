@@ -145,6 +145,17 @@ def reflora_requirement() -> list[str]:
     return [f"reflora[conform]=={__version__}"]
 
 
+def console_scripts() -> dict[str, str]:
+    """The source checkout's ``[project.scripts]`` (the ``reflora`` console script's target); {} without one. An
+    editable install writes its scripts once: a moved entry point needs the venv rebuilt."""
+    source = reflora_source()
+    if source is None:
+        return {}
+    import tomllib
+
+    return dict(tomllib.loads((source / "pyproject.toml").read_text()).get("project", {}).get("scripts", {}))
+
+
 def fingerprint(group: EnvGroup) -> str:
     request = {
         "requirements": group.requirements,
@@ -152,6 +163,9 @@ def fingerprint(group: EnvGroup) -> str:
         "reflora": reflora_requirement(),
         "python": list(sys.version_info[:2]),
     }
+    scripts = console_scripts()
+    if scripts:
+        request["scripts"] = scripts
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -242,12 +256,15 @@ def env_variables(group: EnvGroup, folder: Path) -> dict[str, str]:
 
 
 def run_in_env(group_name: str, command: Sequence[str], cwd: Path | None = None) -> int:
-    """Run ``command`` (``python`` is the venv's python) inside the group's venv, building it if needed."""
+    """Run ``command`` (``python`` is the venv's python, ``reflora`` its console script) inside the group's venv,
+    building it if needed."""
     folder = ensure_env(group_name)
     group = GROUPS[group_name]
     command = list(command)
     if command and command[0] in ("python", "python3"):
         command[0] = str(venv_python(folder))
+    elif command and command[0] == "reflora":
+        command[0] = str(folder / "bin" / "reflora")
     return subprocess.run(command, env=env_variables(group, folder), cwd=cwd).returncode
 
 
@@ -259,8 +276,7 @@ def run_isolated(candidate: str, argv: Sequence[str]) -> int:
     driver's module name). Raises ``EnvError`` for a candidate with no environment or a venv that fails to build.
     """
     name = driver_name(candidate)
-    return run_in_env(CANDIDATES[name], ["python", "-m", "reflora.cli", "conform", "--candidate", name,
-                                         *conform_args(argv)])  # fmt: skip
+    return run_in_env(CANDIDATES[name], ["reflora", "conform", "--candidate", name, *conform_args(argv)])
 
 
 def conform_args(argv: Sequence[str]) -> list[str]:

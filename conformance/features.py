@@ -16,7 +16,7 @@ from conformance.protocol import Capabilities
 @dataclass(frozen=True)
 class Feature:
     id: str  # e.g. "layer.dropout.conv1d"
-    level: str  # "layer", "model", "advanced" (model level, conformance.advanced) or "golden"
+    level: str  # "layer", "model", "advanced" (model level, with an AdaptersCase) or "golden"
     method: str  # the driver method the check calls
     needs: tuple[str, ...]  # capability requirements, see ``missing_capability``
     variant: str  # what the strategy draws; see conformance.strategies
@@ -80,7 +80,8 @@ MODEL_FEATURES = [
 ]  # fmt: skip
 LAYER_FEATURES = _layer_features()
 
-# Issue 5 (docs/advanced-semantics.md): cases are conformance.advanced.AdaptersCase, checks in conformance.advanced
+# docs/advanced-semantics.md: cases are conformance.protocol.AdaptersCase (drawn by strategies.draw_advanced_spec,
+# built by cases.build_advanced_case), checked by checks.check_advanced
 _ADV = ("model_level", "target_modules_list")
 ADVANCED_FEATURES = [
     Feature("model.merge.lora", "advanced", "model_merge", (*_ADV, "model_merge"), "merge_lora",

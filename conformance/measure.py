@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 from conformance.checks import run_check
 from conformance.features import FEATURES, missing_capability
+from conformance.loader import capabilities_from_json
 from conformance.profiles import PROFILES
-from conformance.runner import capabilities_from_json, make_runner
+from conformance.runner import make_runner
 from conformance.strategies import draw_layer_spec, draw_model_spec
 from conformance.tolerance import FACTOR, IllConditioned
 

@@ -110,7 +110,7 @@ def pytest_sessionstart(session) -> None:
     if suite is None:
         return
     from conformance.deviations import DeviationsError
-    from conformance.runner import CandidateError, DriverLoadError
+    from conformance.protocol import CandidateError, DriverLoadError
 
     try:
         suite.start()
@@ -173,7 +173,7 @@ def pytest_collection_finish(session) -> None:
         return
     suite = config.stash.get(SUITE, None)
     if suite is None:
-        from conformance.runner import shipped_drivers
+        from conformance.loader import shipped_drivers
 
         raise pytest.UsageError(
             "reflora conformance: no candidate given. Name one with --candidate NAME (shipped: "

@@ -28,6 +28,11 @@ Optional attributes a driver may add (the suite uses them when present):
 * ``deviations``: path of its expected-deviations JSON (default for shipped drivers:
   ``conformance/deviations/<name>.json``; see docs/conformance.md).
 * ``model_switch_adapters(case)``: see ``Driver`` below; needs ``Capabilities.adapter_switching``.
+* the advanced methods (docs/advanced-semantics.md: merge at model level, DoRA, initialisations, several
+  adapters, weighted combinations), each taking an ``AdaptersCase`` and needing the capability in brackets:
+  ``model_adapters`` [multi_adapter; dora; mixed_batch], ``model_merge`` [model_merge], ``merge_and_unload``
+  [merge_and_unload], ``init_adapter`` [init_methods], ``weighted_adapter`` [weighted_combinations]. Their
+  signatures and results are on ``Driver`` below. A driver without one gets "not supported".
 
 Every array a driver returns may be in any float dtype; the suite converts it to float64 itself. A driver runs
 in a worker process by default (crash isolation), so it must not rely on state kept between calls.
@@ -35,6 +40,7 @@ in a worker process by default (crash isolation), so it must not rely on state k
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from reflora.config import GPT2Config, LoraConfig
+from reflora.targets import plan_lora
 
 LAYOUTS = ("linear", "conv1d")  # linear: W is (out, in), y = x Wᵀ; conv1d: W is (in, out), y = x W
 DTYPES = ("float64", "float32", "bfloat16")
@@ -72,7 +79,7 @@ class Capabilities:
     unmerge: bool = True  # with merge: unmerge restores W (unmerged_weight); False for merge-only libraries
     adapter_files: bool = False  # model level: write/read PEFT-format adapter files
     adapter_switching: bool = False  # model level: hold two adapters and switch the active one
-    # docs/advanced-semantics.md; the optional methods and their AdaptersCase are documented in conformance/advanced.py
+    # docs/advanced-semantics.md; the optional methods (on ``Driver`` below) take an ``AdaptersCase``
     model_merge: bool = False  # model_merge(case): merge every adapter into the model, unmerge, safe merge
     merge_and_unload: bool = False  # merge_and_unload(case, folder): a plain GPT-2 checkpoint (HF format)
     dora: bool = False  # DoRA adapters (use_dora) in model_adapters / model_merge / init_adapter
@@ -109,6 +116,13 @@ class LayerCase:
         names = [k for k in self.lora_A if k is not None]
         return tuple(names) if names else None
 
+    @property
+    def scaling(self) -> float:
+        """The scaling s of every branch: ``reflora.config.LoraConfig.scaling`` (alpha/r, or alpha/√r under rsLoRA)."""
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora).scaling(
+            self.r, self.lora_alpha
+        )
+
 
 @dataclass
 class ModelCase:
@@ -131,6 +145,50 @@ class ModelCase:
     # adapter switching: a second adapter (its own config and tensors) the driver loads next to the first
     second_lora: LoraConfig | None = None
     second_adapter: dict[str, np.ndarray] | None = None
+
+
+COMBINED = "combined"  # the name of a weighted combination's new adapter (``weighted_adapter``)
+
+
+@dataclass
+class AdaptersCase:
+    """GPT-2 with several named adapters, in reference terms (HF / PEFT names, float64 NumPy): the case of the
+    advanced methods (``model_adapters``, ``model_merge``, ``merge_and_unload``, ``init_adapter``,
+    ``weighted_adapter``; see ``Driver``)."""
+
+    config: GPT2Config
+    params: dict[str, np.ndarray]
+    adapters: dict[str, tuple[LoraConfig, dict[str, np.ndarray]]]  # name -> (config, PEFT file key -> array)
+    input_ids: np.ndarray  # (B, T)
+    labels: np.ndarray | None = None  # (B, T)
+    active: list[str] | None = None  # every row, in this order; [] = disabled
+    adapter_names: list[str] | None = None  # one per row
+    dropout_masks: dict[str, dict[str, np.ndarray]] | None = None  # adapter -> module -> (B, T, in)
+    wrt: list[str] = dataclasses.field(default_factory=list)  # qualified keys
+    safe: bool = False
+    init_lora: LoraConfig | None = None
+    combination: dict[str, Any] | None = None
+    dtype: str = "float64"
+    seed: int = 0
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every input array under a flat name, for ``--dump`` (conformance.cases.case_tensors)."""
+        out = {f"base/{k}": v for k, v in self.params.items()}
+        for name, (_, tensors) in self.adapters.items():
+            out.update({f"adapter/{name}/{k}": v for k, v in tensors.items()})
+        out["input_ids"] = self.input_ids
+        if self.labels is not None:
+            out["labels"] = self.labels
+        for name, masks in (self.dropout_masks or {}).items():
+            out.update({f"dropout/{name}/{k}": v for k, v in masks.items()})
+        return out
+
+
+def targeted_keys(case: AdaptersCase) -> list[str]:
+    """HF keys of the weights (and biases) of every module some adapter targets (what ``model_merge`` returns
+    under ``"merged"``, ``"unmerged"`` and ``"after"``)."""
+    modules = sorted({m for lora, _ in case.adapters.values() for m in plan_lora(case.config, lora)})
+    return [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
 
 
 @runtime_checkable
@@ -179,9 +237,61 @@ class Driver(Protocol):
         (``"first_again"``)."""
         ...
 
+    # ------------------------------------------------------------------ advanced (docs/advanced-semantics.md)
+
+    def model_adapters(self, case: AdaptersCase) -> dict[str, Any]:
+        """[multi_adapter; dora; mixed_batch] Build GPT-2 with every adapter of ``case.adapters`` (created in dict
+        order, named by its key, tensors copied in), then run with ``case.active`` (applied to every row in that
+        order; ``[]``: adapters disabled) or ``case.adapter_names`` (one name per row, ``"__base__"`` for none),
+        the keep-masks ``case.dropout_masks`` ({adapter: {module: mask}}; ``None``: eval mode), HF's loss on
+        ``case.labels``, and the gradients of ``case.wrt`` (``"<adapter>:<PEFT file key>"``,
+        reflora.qualified_key). Returns ``{"logits", "loss", "grads": {qualified key: array}}``."""
+        ...
+
+    def model_merge(self, case: AdaptersCase) -> dict[str, Any]:
+        """[model_merge] With every adapter active, ``"logits"`` (unmerged, eval), then merge them all into the
+        base: ``"merged_logits"`` and ``"merged"`` (HF key -> weight or bias of every targeted module, in HF's
+        Conv1D layout; ``targeted_keys(case)``); then unmerge: ``"unmerged"`` (same keys). With ``case.safe`` the
+        merge is a safe merge of an adapter holding a NaN or an infinity: return ``{"refused": bool, "after": {HF
+        key -> weight or bias of every targeted module after the attempt}}``."""
+        ...
+
+    def merge_and_unload(self, case: AdaptersCase, folder: Path) -> None:
+        """[merge_and_unload] Merge every adapter and write the plain model (``save_pretrained``: HF's GPT-2
+        format) into ``folder``."""
+        ...
+
+    def init_adapter(self, case: AdaptersCase) -> dict[str, Any]:
+        """[init_methods] Add ``case.init_lora`` (with its ``init_lora_weights``; the library's RNG seeded with
+        ``case.seed``) to GPT-2 with ``case.params``. Returns ``{"adapter": {file key: array}, "params": {HF key:
+        weight}, "logits"}``: the adapter as the library saves it (PEFT file keys, e.g.
+        ``lora_magnitude_vector``), the targeted modules' base weights after the init (PiSSA/OLoRA change them)
+        and eval logits at init."""
+        ...
+
+    def weighted_adapter(self, case: AdaptersCase) -> dict[str, Any]:
+        """[weighted_combinations] Add the adapters, combine ``case.combination`` (``names``, ``weights``,
+        ``combination_type``, ``svd_rank``) into a new adapter (named ``COMBINED``). Returns ``{"deltas": {module:
+        (out, in)}, "bias_deltas": {module: (out,)}, "logits"}``: its effective ΔW per module (scaling included,
+        (out, in) form), its effective bias delta ``s·b_B`` when it has one, and eval logits with the new adapter
+        alone active."""
+        ...
+
 
 class NotSupported(Exception):
     """Raised by a driver for a feature its library lacks; the test is reported as not supported."""
+
+
+class CandidateError(Exception):
+    """The candidate did not produce a result: it raised, crashed, hung or returned something unusable."""
+
+    def __init__(self, kind: str, message: str, detail: str = ""):
+        super().__init__(f"candidate {kind}: {message}")
+        self.kind, self.message, self.detail = kind, message, detail
+
+
+class DriverLoadError(Exception):
+    """The candidate named by --candidate cannot be found or imported."""
 
 
 CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities) if f.name != "notes")

@@ -13,6 +13,10 @@ Rules that make a wrong candidate show (see docs/conformance.md):
   (A candidate without ``Capabilities.lora_alpha`` gets alpha = r: scaling 1, the only one it has.)
 * dtypes: float64 first, then float32, then bfloat16, each only where the candidate declares it.
 * the simplest example (hypothesis tries it first) targets every GPT-2 module kind.
+
+Levels: ``draw_layer_spec`` (one LoRA layer), ``draw_model_spec`` (GPT-2 + one adapter), ``draw_advanced_spec``
+(GPT-2 with named adapters: merge, DoRA, inits, several adapters, weighted combinations; its GPT-2 shapes are
+fixed, see there).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from hypothesis import strategies as st
 
 from conformance.features import Feature
 from conformance.protocol import DTYPES, Capabilities
+from reflora.adapters import BASE_ADAPTER
 
 MAX_SEED = 2**32 - 1
 # target_modules spellings (PEFT suffix matching): "c_proj" matches attn.c_proj *and* mlp.c_proj.
@@ -34,6 +39,7 @@ KIND_REGEX = {"attn.c_attn": r"attn\.c_attn", "attn.c_proj": r"attn\.c_proj", "m
 DROPOUT_PS = (0.1, 0.25, 0.5, 0.75)
 MODEL_DTYPES = ("float64", "float32")
 MODEL_MAX_ALPHA = 16  # with r = 1 a scaling of 16: larger ones saturate the attention softmaxes (see cases._scaled)
+ADAPTER_MODULES = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")  # advanced level: every module kind, by full name
 
 
 def dtypes_for(caps: Capabilities) -> list[str]:
@@ -237,4 +243,112 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     if backward and spec["objective"] == "loss":
         spec["ignored_labels"] = data.draw(st.integers(0, batch * (seq_len - 1) - 1), label="ignored_labels")
     spec["seed"] = _seed(data)
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# advanced level (docs/advanced-semantics.md): merge, DoRA, inits, several adapters, weighted combinations
+# ----------------------------------------------------------------------------------------------
+
+
+def _adapter_lora(data, label: str, *, r=None, alpha=None, dyadic=False, **fields) -> dict[str, Any]:
+    """A LoRA config dict; ``dyadic``: r and lora_alpha powers of two, so that s = α/r is exact in float32."""
+    ranks, alphas = ((1, 2, 4), (1.0, 2.0, 4.0, 8.0)) if dyadic else ((1, 2, 3, 4), (1.0, 2.0, 3.0, 8.0))
+    r = r if r is not None else data.draw(st.sampled_from(ranks), label=f"{label}.r")
+    alpha = alpha if alpha is not None else data.draw(st.sampled_from(alphas), label=f"{label}.lora_alpha")
+    targets = fields.pop("target_modules", None) or data.draw(
+        st.lists(st.sampled_from(ADAPTER_MODULES), min_size=1, max_size=4, unique=True), label=f"{label}.target_modules"
+    )
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(targets), **fields}
+
+
+def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
+    """An advanced feature's spec (GPT-2 with named adapters; ``conformance.cases.build_advanced_case``).
+
+    Tiny GPT-2s of a fixed shape: vocab 23, 16 positions, n_embd 16 (two layers) or 8 (one), 2 heads. One
+    exception to the no-square rule: with two layers n_embd = n_positions = 16, so ``wpe`` is square (it is
+    never transposed by LoRA; its random values would still catch a transposed copy). Changing it would change
+    every advanced case the ci profile draws, so it is kept until the fixtures are regenerated on purpose."""
+    v = feature.variant
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    n_layer = 2 if v.startswith("init") or v == "dora_init" else data.draw(st.integers(1, 2), label="n_layer")
+    spec: dict[str, Any] = {
+        "feature": feature.id, "seed": seed, "dtype": "float32" if v in ("init_pissa", "init_olora") else "float64",
+        "gpt2": {"vocab_size": 23, "n_positions": 16, "n_embd": 16 if n_layer == 2 else 8, "n_layer": n_layer,
+                 "n_head": 2},
+        "batch": data.draw(st.integers(2, 3), label="batch"), "seq_len": data.draw(st.integers(2, 5), label="seq_len"),
+        "adapters": {}, "labels": True,
+    }  # fmt: skip
+    adapters = spec["adapters"]
+    if v in ("merge_lora", "active"):
+        for i in range(data.draw(st.integers(1, 3) if v == "active" else st.integers(1, 2), label="n_adapters")):
+            adapters[f"a{i}"] = _adapter_lora(data, f"a{i}")
+        names = list(adapters)
+        spec["active"] = data.draw(st.permutations(names), label="active order") if v == "active" else names
+    elif v in ("merge_lora_bias", "multi_lora_bias"):
+        for i in range(2):
+            adapters[f"a{i}"] = _adapter_lora(data, f"a{i}", lora_bias=True)
+        spec["active"] = list(adapters)
+    elif v in ("merge_dora", "dora", "dora_dropout"):
+        extra = {"lora_dropout": 0.25} if v == "dora_dropout" else {}
+        adapters["d"] = _adapter_lora(data, "d", use_dora=True, **extra)
+        spec["active"] = ["d"]
+        spec["dropout"] = v == "dora_dropout"
+    elif v in ("merge_safe", "merge_safe_untouched"):  # untouched: the bad value in the last module merged
+        adapters["a0"] = _adapter_lora(
+            data, "a0", target_modules=list(ADAPTER_MODULES) if v == "merge_safe_untouched" else None
+        )
+        spec["active"] = ["a0"]
+        spec["poison"] = data.draw(st.sampled_from(["nan", "inf", "-inf"]), label="poison")
+        spec["labels"] = False
+    elif v == "unload":
+        for i in range(data.draw(st.integers(1, 2), label="n_adapters")):
+            adapters[f"a{i}"] = _adapter_lora(data, f"a{i}")
+        spec["active"] = list(adapters)
+        spec["labels"] = False
+    elif v == "disabled":
+        for i in range(2):
+            adapters[f"a{i}"] = _adapter_lora(data, f"a{i}")
+        spec["active"] = []
+    elif v == "mixed_batch":
+        for i in range(2):
+            adapters[f"a{i}"] = _adapter_lora(data, f"a{i}")
+        choices = [*adapters, BASE_ADAPTER]
+        spec["batch"] = 4
+        spec["adapter_names"] = data.draw(st.lists(st.sampled_from(choices), min_size=4, max_size=4), label="rows")
+    elif v == "dora_order":  # the order of docs/advanced-semantics.md D5: the plain adapter first
+        adapters["plain"] = _adapter_lora(data, "plain", target_modules=["c_attn"])
+        adapters["dora"] = _adapter_lora(data, "dora", target_modules=["c_attn"], use_dora=True)
+        spec["active"] = ["plain", "dora"]
+    elif v.startswith("init") or v == "dora_init":
+        init = {"init_true": True, "dora_init": True, "init_gaussian": "gaussian", "init_false": False,
+                "init_pissa": "pissa", "init_olora": "olora"}[v]  # fmt: skip
+        r = data.draw(st.sampled_from((2, 3, 4)), label="init.r")  # r = 1 would hide std 1/√r vs 1/r
+        spec["init"] = _adapter_lora(data, "init", r=r, target_modules=list(ADAPTER_MODULES), init_lora_weights=init,
+                             use_dora=v == "dora_init")  # fmt: skip
+        spec["labels"] = False
+    elif v.startswith("weighted"):
+        spec["labels"] = False
+        kind = {"weighted_linear": "linear", "weighted_svd": "svd", "weighted_coefficients": "linear"}.get(v, "cat")
+        dyadic = v in ("weighted_linear", "weighted_svd")
+        extra = {"use_rslora": True} if v == "weighted_rslora" else {}
+        extra.update({"lora_bias": True} if v == "weighted_lora_bias" else {})
+        n = data.draw(st.integers(2, 3), label="n_sources")  # one source is always combined linearly (PEFT)
+        r = data.draw(st.sampled_from((1, 2, 4)), label="shared r") if kind == "linear" else None
+        alpha = 3.0 if v == "weighted_coefficients" else None
+        for i in range(n):
+            adapters[f"s{i}"] = _adapter_lora(data, f"s{i}", r=2 if alpha else r, alpha=alpha, dyadic=dyadic, **extra)
+        weights = []
+        for i, lora in enumerate(adapters.values()):
+            if dyadic:  # w·s = ±c², so √|w·s| (linear) and w (svd) are exact in float32: D6 cannot show
+                c = data.draw(st.sampled_from((0.5, 1.0, 1.5, 2.0)), label=f"w{i} root")
+                sign = data.draw(st.sampled_from((1.0, -1.0)), label=f"w{i} sign")
+                weights.append(sign * c * c * lora["r"] / lora["lora_alpha"])
+            else:
+                weights.append(data.draw(st.sampled_from((0.3, 0.8, -0.7, 1.0, 1.3)), label=f"w{i}"))
+        svd_rank = data.draw(st.sampled_from((None, 1, 2)), label="svd_rank") if kind == "svd" else None
+        spec["combination"] = {"names": list(adapters), "weights": weights, "combination_type": kind,
+                               "svd_rank": svd_rank}  # fmt: skip
+    else:
+        raise ValueError(f"unknown advanced variant {v!r}")
     return spec

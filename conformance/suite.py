@@ -22,10 +22,11 @@ from hypothesis.errors import Unsatisfiable
 from conformance.checks import CheckResult, run_check
 from conformance.deviations import Deviation, load_deviations, match
 from conformance.features import FEATURES, Feature, missing_capability
+from conformance.loader import capabilities_from_json
 from conformance.profiles import PROFILES
 from conformance.protocol import NotSupported
-from conformance.runner import capabilities_from_json, make_runner
-from conformance.strategies import draw_layer_spec, draw_model_spec
+from conformance.runner import make_runner
+from conformance.strategies import draw_advanced_spec, draw_layer_spec, draw_model_spec
 from conformance.tolerance import Comparison, IllConditioned
 
 NOT_SUPPORTED = "not supported: "
@@ -151,6 +152,9 @@ class Suite:
 
     def run_feature(self, feature: Feature, record: TestRecord) -> None:
         """Check the capabilities, then run the feature's property test with the profile's settings."""
+        if feature.level == "advanced":
+            run_advanced_feature(self, feature, record)
+            return
         self.require(feature.needs)
         draw = draw_layer_spec if feature.level == "layer" else draw_model_spec
         capabilities = self.capabilities
@@ -158,7 +162,8 @@ class Suite:
         def property_test(data):
             self.check(draw(data, feature, capabilities), record, redraw_refused=True)
 
-        # derandomize seeds from the function's name and source: give each feature its own name
+        # derandomize seeds from the function's name and source: give each feature its own name (and keep the
+        # source of property_test as it is: a changed text draws other cases)
         property_test.__name__ = property_test.__qualname__ = f"check_{feature.id.replace('.', '_')}"
         property_test.__module__ = f"conformance.features.{zlib.crc32(feature.id.encode())}"
         settings = PROFILES[self.profile].settings(feature.level, self.max_examples)
@@ -177,6 +182,23 @@ class Suite:
         golden_spec, _ = read_fixture(fixture)
         self.require(golden_needs(golden_spec))
         self.check({"feature": "golden.replay", "fixture": str(fixture), "dtype": golden_spec["dtype"]}, record)
+
+
+def run_advanced_feature(suite: Suite, feature: Feature, record: TestRecord) -> None:
+    """An advanced feature's property test (docs/advanced-semantics.md): as ``Suite.run_feature``, with the
+    model level's settings, no redrawing of refused cases, and ``conformance.strategies.draw_advanced_spec``."""
+    suite.require(feature.needs)
+    draw_spec = draw_advanced_spec
+
+    # the ci profile derandomizes from the property's name and *source* (hypothesis's function_digest): this
+    # function's text is the one its draws have always been seeded from; keep it as it is
+    def property_test(data):
+        suite.check(draw_spec(data, feature), record)
+
+    property_test.__name__ = property_test.__qualname__ = f"check_{feature.id.replace('.', '_')}"
+    property_test.__module__ = f"conformance.features.{zlib.crc32(feature.id.encode())}"
+    settings = PROFILES[suite.profile].settings("model", suite.max_examples)
+    settings(given(st.data())(property_test))()
 
 
 def golden_needs(spec: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The worker process that runs a candidate driver (see conformance/runner.py for the protocol).
+"""The worker process that runs a candidate driver (see conformance/transport.py for the protocol).
 
     python -m conformance.worker READ_FD WRITE_FD
 
@@ -12,17 +12,9 @@ import json
 import sys
 import traceback
 
-from conformance.protocol import NotSupported
-from conformance.runner import (
-    CandidateError,
-    call_driver,
-    driver_info,
-    encode_results,
-    load_driver,
-    read_frame,
-    serialize,
-    write_frame,
-)
+from conformance.loader import call_driver, driver_info, load_driver
+from conformance.protocol import CandidateError, NotSupported
+from conformance.wire import encode_results, read_frame, serialize, write_frame
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,20 @@
 """reflora: an autograd-free reference for GPT-2 with LoRA, written on array namespaces.
 
+Read the spec in this order (each formula is written once, with its derivation in the docstring):
+
+1. ``config.py``: ``GPT2Config``, ``LoraConfig`` with PEFT's fields; the scaling α/r (α/√r under rsLoRA).
+2. ``targets.py``: which modules a LoRA config targets, and every tensor's key and shape.
+3. ``ops/`` (conventions in ``ops/__init__.py``): ``linear.py`` (the base layer, the Conv1D/Linear layouts),
+   ``lora_linear.py`` (LoRA's delta s·((x_d Aᵀ) Bᵀ + b_B) and the LoRA layer), ``dora_linear.py`` (DoRA),
+   then ``embedding.py``, ``layernorm.py``, ``attention.py``, ``gelu.py``, ``crossentropy.py``.
+4. ``layer.py``: the adapted layer, base + Σ_a R_a ⊙ δ_a over several adapters; ``adapters.py``: their names.
+5. ``validate.py`` (every input check), ``dispatch.py`` (the adapters on each module), then ``model.py``: the
+   graph, ``gpt2_forward`` / ``gpt2_backward`` (docs/ops.md derives it).
+6. ``merge.py`` (merge, unmerge), ``lora_init.py`` (PEFT's initialisations), ``init.py`` (seeded weights,
+   dropout masks), ``weighted.py`` (``add_weighted_adapter``).
+7. ``checkpoint.py`` (safetensors, PEFT's file layout), ``optim.py`` (AdamW, SGD), ``backend.py`` (NumPy, CuPy,
+   any array-API namespace).
+
 Public API (stable):
 
 * configs: ``GPT2Config``, ``LoraConfig``, ``ConfigError``

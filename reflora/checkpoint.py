@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
+from reflora.validate import key_mismatch
 
 
 class CheckpointError(ValueError):
@@ -107,13 +108,20 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: str | Path, error: type[Exception] = CheckpointError, what: str = "file") -> Any:
+    """The JSON value in ``path``; a missing file or invalid JSON is ``error`` naming the path (``what`` names
+    the kind of file). Only JSON is ever read: nothing is unpickled."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        raise error(f"{path}: no such {what}") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object (a config file) from ``path``; ``CheckpointError`` naming the path otherwise."""
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -133,16 +141,13 @@ def load_gpt2(path: str | Path, config: GPT2Config | None = None) -> tuple[dict[
     path = Path(path)
     folder, file = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
     if config is None:
-        config = GPT2Config.from_dict(_read_json(folder / "config.json"))
+        config = GPT2Config.from_dict(read_json_object(folder / "config.json"))
     tensors = read_safetensors(file)
     head = tensors.pop("lm_head.weight", None)
     expected = base_shapes(config)
-    missing = [k for k in expected if k not in tensors]
-    unknown = [k for k in tensors if k not in expected]
-    if missing or unknown:
-        raise CheckpointError(
-            f"{file}: keys do not match GPT-2 {config}: missing {missing[:5]}, unexpected {unknown[:5]}"
-        )
+    mismatch = key_mismatch(tensors, expected, show=5)
+    if mismatch:
+        raise CheckpointError(f"{file}: keys do not match GPT-2 {config}: {mismatch}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
@@ -213,7 +218,7 @@ def load_adapter(
     """
     folder = Path(folder)
     try:
-        lora = LoraConfig.from_dict(_read_json(folder / "adapter_config.json"))
+        lora = LoraConfig.from_dict(read_json_object(folder / "adapter_config.json"))
     except ConfigError as exc:
         raise CheckpointError(f"{folder / 'adapter_config.json'}: {exc}") from None
     tensors = read_safetensors(folder / "adapter_model.safetensors")
@@ -231,12 +236,9 @@ def load_adapter(
 
 
 def _check_adapter_tensors(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], where: str) -> None:
-    missing = [k for k in shapes if k not in tensors]
-    unknown = [k for k in tensors if k not in shapes]
-    if missing or unknown:
-        raise CheckpointError(
-            f"{where}: tensors disagree with adapter_config.json: missing {missing[:3]}, unexpected {unknown[:3]}"
-        )
+    mismatch = key_mismatch(tensors, shapes)
+    if mismatch:
+        raise CheckpointError(f"{where}: tensors disagree with adapter_config.json: {mismatch}")
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(

@@ -9,7 +9,7 @@ Linear), one adapter changes one module by
 
 and is stored back in the weight's layout (ΔW = ΔWtᵀ for a Conv1D). Merging several adapters adds their
 deltas, each measured from the *unmerged* base: ``W' = W + Σ_a ΔW_a(W)``. That is what the forward computes
-(reflora.adapters), so merged and unmerged forwards agree; the order of the adapters does not matter.
+(reflora.layer), so merged and unmerged forwards agree; the order of the adapters does not matter.
 
 Unmerge inverts this exactly in real arithmetic. A LoRA delta does not depend on W, so ``W = W' − ΔW``. A DoRA
 delta does, and ``‖W'‖`` per row is ``m``, not n: n is lost in the merge, so ``merge`` returns it in a
@@ -32,9 +32,25 @@ from dataclasses import dataclass, field
 
 from reflora.backend import Array, namespace
 from reflora.config import GPT2Config, LoraConfig
-from reflora.model import InputError, check_adapter
-from reflora.ops.lora_linear import LoraBranchWeights
+from reflora.ops.dora_linear import dora_weight, dora_weight_norm
+from reflora.ops.linear import weight_t
+from reflora.ops.lora_linear import LoraBranchWeights, lora_delta_bias, lora_delta_weight
 from reflora.targets import LoraModule, base_shapes, plan_lora
+from reflora.validate import InputError, check_adapter
+
+__all__ = [
+    "MergeError",
+    "MergeRecord",
+    "dora_delta_weight",
+    "dora_norm",
+    "lora_delta_bias",
+    "lora_delta_weight",
+    "merge_adapter",
+    "merge_adapters",
+    "merge_and_unload",
+    "unmerge_adapter",
+    "unmerge_adapters",
+]
 
 
 class MergeError(ValueError):
@@ -54,39 +70,14 @@ class MergeRecord:
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_layout(xp, Wt: Array, layout: str) -> Array:
-    return xp.matrix_transpose(Wt) if layout == "conv1d" else Wt
-
-
-def lora_delta_weight(branches: Sequence[LoraBranchWeights], out_features: int, layout: str = "conv1d") -> Array:
-    """ΔW of a LoRA adapter: s·B A in each branch's output rows, zero elsewhere; (in, out) for ``"conv1d"``,
-    (out, in) for ``"linear"``."""
-    xp = namespace(*(br.A for br in branches))
-    in_features = branches[0].A.shape[1]
-    delta = xp.zeros((out_features, in_features), dtype=branches[0].A.dtype)  # (out, in)
-    for br in branches:
-        delta[br.start : br.stop, :] += br.scaling * xp.matmul(br.B, br.A)
-    return _to_layout(xp, delta, layout)
-
-
-def lora_delta_bias(branches: Sequence[LoraBranchWeights], biases: Sequence[Array | None], out_features: int):
-    """Δb of ``lora_bias``: s·b_B in each branch's output rows; None when no branch has a bias."""
-    if all(b is None for b in biases):
-        return None
-    xp = namespace(*(b for b in biases if b is not None))
-    delta = xp.zeros((out_features,), dtype=next(b for b in biases if b is not None).dtype)
-    for br, b in zip(branches, biases, strict=True):
-        if b is not None:
-            delta[br.start : br.stop] += br.scaling * b
-    return delta
+# ΔW of LoRA (s·B A per branch) and Δb (s·b_B) are ``lora_delta_weight`` and ``lora_delta_bias`` of
+# reflora.ops.lora_linear, where the LoRA delta is derived; V and n of DoRA are ``dora_weight`` of
+# reflora.ops.dora_linear.
 
 
 def dora_norm(weight: Array, branch: LoraBranchWeights, layout: str = "conv1d") -> Array:
     """n = ‖Wt + s·B A‖ per output row, (out,)."""
-    xp = namespace(weight, branch.A)
-    Wt = xp.matrix_transpose(weight) if layout == "conv1d" else weight
-    V = Wt + branch.scaling * xp.matmul(branch.B, branch.A)  # (out, in)
-    return xp.sqrt(xp.sum(V * V, axis=1))
+    return dora_weight_norm(weight, branch.A, branch.B, branch.scaling, layout)
 
 
 def dora_delta_weight(
@@ -94,11 +85,9 @@ def dora_delta_weight(
 ) -> Array:
     """ΔW = c ⊙ (Wt + s·B A) − Wt with c = m / n, in the weight's layout. ``norm`` defaults to ``dora_norm``."""
     xp = namespace(weight, branch.A, magnitude)
-    Wt = xp.matrix_transpose(weight) if layout == "conv1d" else weight  # (out, in)
-    V = Wt + branch.scaling * xp.matmul(branch.B, branch.A)  # (out, in)
-    n = xp.sqrt(xp.sum(V * V, axis=1)) if norm is None else norm  # (out,)
-    factor = xp.reshape(magnitude / n, (-1, 1))  # (out, 1)
-    return _to_layout(xp, factor * V - Wt, layout)
+    V, n = dora_weight(weight, branch.A, branch.B, branch.scaling, layout)  # (out, in), (out,)
+    factor = xp.reshape(magnitude / (n if norm is None else norm), (-1, 1))  # (out, 1)
+    return weight_t(factor * V - weight_t(weight, layout), layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,56 +264,3 @@ def merge_and_unload(
         adapters = {"default": (lora, adapter)}
     merged, _ = merge_adapters(params, config, adapters, names, safe=safe)
     return {key: merged[key] for key in base_shapes(config)}
-
-
-# ----------------------------------------------------------------------------------------------
-# command line: reflora merge BASE ADAPTER... --out FOLDER
-# ----------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    """``reflora merge``: merge_and_unload PEFT adapter folders into a GPT-2 folder."""
-    parser = subparsers.add_parser(
-        "merge",
-        help="merge LoRA/DoRA adapters into a plain GPT-2 checkpoint (merge_and_unload)",
-        description="Load a GPT-2 folder and PEFT adapter folders, add the adapters' deltas to the weights, and "
-        "write a plain GPT-2 folder that transformers loads. Adapter tensors are cast to the base's dtype. A "
-        "PiSSA/OLoRA adapter is applied to the residual of the base, as PEFT does when it loads one.",
-    )
-    parser.add_argument("base", help="GPT-2 folder (model.safetensors + config.json)")
-    parser.add_argument(
-        "adapters", nargs="+", help="PEFT adapter folders (adapter_model.safetensors + adapter_config.json)"
-    )
-    parser.add_argument("--out", required=True, help="folder to write model.safetensors + config.json to")
-    parser.add_argument("--safe", action="store_true", help="refuse a merge that produces NaN or infinite weights")
-    parser.set_defaults(func=_run_merge)
-
-
-def _run_merge(args) -> int:
-    import sys
-
-    import numpy as np
-
-    from reflora.checkpoint import CheckpointError, load_adapter, load_gpt2, save_gpt2
-    from reflora.lora_init import residual_base
-
-    try:
-        params, config = load_gpt2(args.base)
-        loaded = [load_adapter(folder, config) for folder in args.adapters]
-        if len(loaded) > 1 and any(lora.init_lora_weights in ("pissa", "olora") for _, lora, _ in loaded):
-            raise MergeError("a PiSSA/OLoRA adapter rewrites the base: merge it alone")
-        if sum(bool(biases) for _, _, biases in loaded) > 1:
-            raise MergeError("more than one adapter carries trained base biases (bias='all' or 'lora_only')")
-        adapters = {}
-        for index, (tensors, lora, biases) in enumerate(loaded):
-            params = residual_base(params, config, lora)
-            params.update({key: np.asarray(value, dtype=params[key].dtype) for key, value in biases.items()})
-            dtype = params["transformer.wte.weight"].dtype
-            adapters[f"adapter{index}"] = (lora, {key: value.astype(dtype) for key, value in tensors.items()})
-        merged = merge_and_unload(params, config, adapters=adapters, safe=args.safe)
-        save_gpt2(args.out, merged, config)
-    except (CheckpointError, MergeError) as exc:
-        print(f"reflora merge: {exc}", file=sys.stderr)
-        return 2
-    print(f"merged {len(adapters)} adapter(s) into {args.out}")
-    return 0

@@ -40,17 +40,26 @@ from collections.abc import Mapping, Sequence
 
 from reflora.backend import Array, namespace
 from reflora.config import ConfigError, GPT2Config, LoraConfig
-from reflora.model import check_adapter
 from reflora.targets import LoraModule, plan_lora
+from reflora.validate import check_adapter
 
 COMBINATION_TYPES = ("cat", "linear", "svd")
 NOT_COVERED = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
                "magnitude_prune_svd")  # fmt: skip
 
 
-def _max_rank(lora: LoraConfig) -> int:
-    """PEFT's rank of a source: ``r``, or the largest rank of its ``rank_pattern``."""
+def max_rank(lora: LoraConfig) -> int:
+    """PEFT's rank of a source adapter: ``r``, or the largest rank of its ``rank_pattern`` (the rank that
+    ``linear``, ``cat`` and the default ``svd_rank`` count)."""
     return max(lora.r, *lora.rank_pattern.values()) if lora.rank_pattern else lora.r
+
+
+def combined_rank(combination_type: str, sources: Sequence[LoraConfig], svd_rank: int | None = None) -> int:
+    """The new adapter's rank: ``linear`` keeps the sources' (equal) rank, ``cat`` sums them, ``svd`` is
+    ``svd_rank`` or the largest; a single source is always combined linearly (``max_rank`` of each source)."""
+    ranks = [max_rank(s) for s in sources]
+    kind = "linear" if len(sources) == 1 else combination_type
+    return {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[kind]
 
 
 def combined_config(sources: Sequence[LoraConfig], config: GPT2Config, new_rank: int) -> LoraConfig:
@@ -110,17 +119,12 @@ def add_weighted_adapter(
         raise ValueError("the adapters have different qkv_slices; their branches cannot be combined")
     if len(names) == 1:
         combination_type = "linear"  # PEFT: a single adapter is always combined linearly (exact)
-    ranks = [_max_rank(s) for s in sources]
-    if combination_type == "linear":
-        if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(names, ranks))}")
-        new_rank = ranks[0]
-    elif combination_type == "cat":
-        new_rank = sum(ranks)
-    else:
-        if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
-            raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
-        new_rank = svd_rank or max(ranks)
+    ranks = [max_rank(s) for s in sources]
+    if combination_type == "linear" and len(set(ranks)) != 1:
+        raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(names, ranks))}")
+    if combination_type == "svd" and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    new_rank = combined_rank(combination_type, sources, svd_rank)
     new = combined_config(sources, config, new_rank)
     plans = [plan_lora(config, s) for s in sources]
     tensors: dict[str, Array] = {}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import reflora
-from reflora.bench import step_flops, step_products
-from reflora.cli import main
+from reflora.tools.bench import step_flops, step_products
+from reflora.tools.cli import main
 
 TINY = reflora.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_head=2, n_layer=3)
 

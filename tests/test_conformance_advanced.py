@@ -1,4 +1,4 @@
-"""The advanced features (conformance/advanced.py: merge, DoRA, inits, several adapters, weighted combinations)
+"""The advanced features (docs/advanced-semantics.md: merge, DoRA, inits, several adapters, weighted combinations)
 have teeth: each mutant of tests/mutants/advanced.py fails the features its bug touches and passes the others.
 Plus the KS test itself, and PEFT's deviation D9 (found by the suite) as a minimal reproduction."""
 
@@ -12,7 +12,7 @@ import pytest
 from mutants import advanced as mutants
 
 import conformance
-from conformance.advanced import ks_pvalue, normal_cdf, uniform_cdf
+from conformance.compare import ks_pvalue, normal_cdf, uniform_cdf
 
 pytest_plugins = ["pytester"]
 CONFORMANCE_DIR = str(Path(conformance.__file__).parent)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conformance.cli import main as conform_main
+from reflora.tools.conform import main as conform_main
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

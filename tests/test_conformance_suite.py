@@ -11,8 +11,8 @@ import pytest
 from safetensors import safe_open
 
 import conformance
-from conformance.cli import main as conform_main
 from conformance.features import FEATURES
+from reflora.tools.conform import main as conform_main
 
 pytest_plugins = ["pytester"]
 CONFORMANCE_DIR = str(Path(conformance.__file__).parent)

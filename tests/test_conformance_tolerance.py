@@ -18,9 +18,9 @@ from conformance.checks import run_check
 from conformance.drivers.reference import ReferenceDriver
 from conformance.features import FEATURES
 from conformance.profiles import PROFILES
-from conformance.runner import InProcessRunner
 from conformance.strategies import draw_layer_spec, draw_model_spec
 from conformance.tolerance import FACTOR, FLOOR, UNIT_ROUNDOFF, IllConditioned, compare
+from conformance.transport import InProcessRunner
 
 RELATIVE_ERROR = 1e-4
 # every feature whose results are outputs or gradients (adapter_save compares files, not computations)

@@ -107,9 +107,10 @@ def test_dropout_form_is_peft_formula_and_reduces_to_dora_with_a_full_mask(layou
 def test_layer_gradients_match_finite_differences(layout, dropout, mode):
     t, s, mask, p, dy = layer_case(layout, dropout, seed=1)
     _, cache = dora_linear_forward(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["magnitude"], s, mask, p, layout)
-    dx, dW, db, (dA, dB, dm) = dora_linear_backward(
-        dy, cache, t["weight"], t["A"], t["B"], s, mask, p, layout, mode, True, True, True
-    )
+    dx, dW, db, dA, dB, dm = dora_linear_backward(
+        dy, cache, t["weight"], t["A"], t["B"], s, mask, p, layout,
+        norm_gradient=mode, want_dx=True, want_dweight=True, want_dbias=True,
+    )  # fmt: skip
     analytic = {"x": dx, "weight": dW, "bias": db, "A": dA, "B": dB, "magnitude": dm}
     frozen = None
     if mode == "detached":
@@ -127,8 +128,8 @@ def test_layer_gradients_match_finite_differences(layout, dropout, mode):
 def test_detached_and_full_gradients_differ_exactly_by_the_norm_term():
     t, s, mask, p, dy = layer_case("conv1d", dropout=True, seed=2)
     _, cache = dora_linear_forward(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["magnitude"], s, mask, p)
-    full = dora_linear_backward(dy, cache, t["weight"], t["A"], t["B"], s, mask, p, "conv1d", "full")[3]
-    det = dora_linear_backward(dy, cache, t["weight"], t["A"], t["B"], s, mask, p, "conv1d", "detached")[3]
+    full = dora_linear_backward(dy, cache, t["weight"], t["A"], t["B"], s, mask, p, norm_gradient="full")[3:]
+    det = dora_linear_backward(dy, cache, t["weight"], t["A"], t["B"], s, mask, p, norm_gradient="detached")[3:]
     np.testing.assert_array_equal(full[2], det[2])  # dm does not involve the norm's gradient
     assert rel_err(full[0], det[0]) > 1e-3 and rel_err(full[1], det[1]) > 1e-3
 

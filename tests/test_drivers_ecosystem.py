@@ -412,9 +412,7 @@ def test_run_isolated_reruns_conform_in_the_candidate_group(monkeypatch):
     monkeypatch.setattr(envs, "run_in_env", lambda group, command: calls.append((group, command)) or 7)
     argv = ["--candidate", "adapters", "--isolated", "--max-examples", "3", "--candidate=x"]
     assert envs.run_isolated("adapters", argv) == 7
-    assert calls == [
-        ("adapters", ["python", "-m", "reflora.cli", "conform", "--candidate", "adapters_hub", "--max-examples", "3"])
-    ]
+    assert calls == [("adapters", ["reflora", "conform", "--candidate", "adapters_hub", "--max-examples", "3"])]
     with pytest.raises(envs.EnvError, match="no isolated environment for candidate 'nope'"):
         envs.run_isolated("nope", [])
 

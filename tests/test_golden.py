@@ -19,8 +19,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from reflora import golden
-from reflora.cli import main as reflora_main
+from reflora import golden, gpt2_forward
 from reflora.config import ConfigError, LoraConfig
 from reflora.golden import (
     FORMAT,
@@ -45,6 +44,8 @@ from reflora.golden import (
 )
 from reflora.init import draw_dropout_masks, init_gpt2_params, init_lora_adapter
 from reflora.targets import plan_lora
+from reflora.tools import golden as golden_cli
+from reflora.tools.cli import main as reflora_main
 
 GOLDEN = default_golden_dir()
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "golden-format.md"
@@ -60,7 +61,7 @@ def cli_main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="reflora")
-    golden.register(parser.add_subparsers(dest="command"))
+    golden_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
@@ -506,7 +507,7 @@ def test_peft_init_fixture_against_closed_form(name):
         assert relative_error(delta, want) <= 1e-12, module
         assert relative_error(case.params[key], (Wt - delta).T) <= 1e-12, module
     original = {**case.params, **case.original_params}
-    logits, _ = golden.gpt2_forward(original, case.config, case.input_ids, attention_mask=case.attention_mask)
+    logits, _ = gpt2_forward(original, case.config, case.input_ids, attention_mask=case.attention_mask)
     assert relative_error(logits, case.logits) <= 1e-12
 
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 import reflora as rf
-from reflora.cli import main
-from reflora.inspect import inspect_lora
+from reflora.tools.cli import main
+from reflora.tools.inspect import inspect_lora
 
 PREFIX = "base_model.model.transformer.h"
 
@@ -66,17 +66,19 @@ def test_table_output_shows_the_counts(capsys):
 
 def test_console_script_and_errors():
     done = subprocess.run(
-        [sys.executable, "-m", "reflora.cli", "inspect", "--json", "--r", "4"],
+        [sys.executable, "-m", "reflora.tools", "inspect", "--json", "--r", "4"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert json.loads(done.stdout)["trainable_params"] == 811_008 // 2
-    done = subprocess.run([sys.executable, "-m", "reflora.cli", "inspect", "--r", "0"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "reflora.tools", "inspect", "--r", "0"], capture_output=True, text=True
+    )
     assert done.returncode != 0
     assert "lora.r must be an integer >= 1, got 0" in done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "reflora.cli", "inspect", "--target-modules", "q_proj"], capture_output=True, text=True
+        [sys.executable, "-m", "reflora.tools", "inspect", "--target-modules", "q_proj"], capture_output=True, text=True
     )
     assert done.returncode != 0 and "matches no module" in done.stderr
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conformance import matrix
 from conformance.envs import ALIASES
 from conformance.features import FEATURES, missing_capability
-from conformance.runner import capabilities_from_json, load_driver, shipped_drivers
+from conformance.loader import capabilities_from_json, load_driver, shipped_drivers
+from reflora.tools import matrix
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REPORTS = DOCS / matrix.REPORTS_DIR

@@ -206,7 +206,7 @@ def test_merge_and_unload_equals_peft(name):
 def test_command_line_merge(tmp_path, capsys):
     import argparse
 
-    from reflora.merge import register
+    from reflora.tools.merge import register
 
     params, adapters, ids = make(seed=6)
     rf.save_gpt2(tmp_path / "base", params, TINY)

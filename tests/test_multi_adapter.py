@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import reflora as rf
-from reflora.adapters import LayerAdapter, adapted_linear_backward, adapted_linear_forward
+from reflora.layer import LayerAdapter, adapted_linear_backward, adapted_linear_forward
 from reflora.lora_init import init_adapter
 from reflora.ops import LoraBranchWeights, lora_linear_forward
 from reflora.ops.dora_linear import dora_linear_forward
@@ -121,7 +121,9 @@ def test_layer_backward_matches_finite_differences(layout):
     """Full DoRA gradient (the true gradient), every element of every tensor."""
     x, weight, bias, adapters, dy = layer_setup(layout, seed=1)
     _, cache = adapted_linear_forward(x, weight, bias, adapters, layout)
-    dx, dW, db, grads = adapted_linear_backward(dy, cache, weight, adapters, layout, "full", True, True, True)
+    dx, dW, db, grads = adapted_linear_backward(
+        dy, cache, weight, adapters, layout, norm_gradient="full", want_dx=True, want_dweight=True, want_dbias=True
+    )
     analytic = flatten(dx, dW, db, [ad._replace(branches=tuple(br._replace(A=dA, B=dB) for br, (dA, dB) in zip(ad.branches, g.branches)), biases=tuple(g.biases), magnitude=g.magnitude) for ad, g in zip(adapters, grads)])  # fmt: skip
     named = flatten(x, weight, bias, adapters)
     assert set(analytic) == set(named)

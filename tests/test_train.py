@@ -1,4 +1,4 @@
-"""reflora.train and reflora.data: batches, accumulation, schedules, checkpoints and bit-exact resume, the CLI.
+"""reflora.tools.train and reflora.tools.data: batches, accumulation, schedules, checkpoints and bit-exact resume, the CLI.
 
 Every model here is tiny (n_embd 8, one or two layers, T = 8), so the whole file runs in seconds.
 """
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from reflora import LoraConfig, load_adapter, load_gpt2
-from reflora.cli import main
 from reflora.config import GPT2Config
-from reflora.data import (
+from reflora.optim import AdamWConfig, SGDConfig, optimizer_config_to_dict
+from reflora.tools.cli import main
+from reflora.tools.data import (
     SPLIT_BLOCK,
     VOCAB_SIZE,
     batch_rng,
@@ -26,8 +27,7 @@ from reflora.data import (
     sample_windows,
     split_tokens,
 )
-from reflora.optim import AdamWConfig, SGDConfig, optimizer_config_to_dict
-from reflora.train import (
+from reflora.tools.train import (
     TrainConfig,
     accumulated_loss_and_grads,
     evaluate,
@@ -267,7 +267,7 @@ def test_why_lora_quick_writes_the_page_from_its_measurements(tmp_path):
     full = next(run for run in results["runs"] if run["config_key"] == "full")
     r1 = next(run for run in results["runs"] if run["config_key"] == "lora/seed/r1")
     assert full["trainable_params"] > r1["trainable_params"] > 0
-    from reflora.experiment import summarize
+    from reflora.tools.experiment import summarize
 
     assert f"| {summarize(results)['full'].test_mean:.4f} ± " in page  # the table quotes the measurements
     again = tmp_path / "again"

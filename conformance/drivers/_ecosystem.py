@@ -21,9 +21,10 @@ QKV_ORDER = ("q", "k", "v")
 
 
 def scaling_of(case: LayerCase) -> float:
-    """The scaling the reference applies: ``alpha/r``, or ``alpha/sqrt(r)`` under rsLoRA. A driver passes it to
-    a library that takes an absolute multiplier (mlx-lm's ``scale``), or checks it is 1 for one that has none."""
-    return case.lora_alpha / math.sqrt(case.r) if case.use_rslora else case.lora_alpha / case.r
+    """The scaling the reference applies (``LayerCase.scaling``: ``reflora.config.LoraConfig.scaling``, alpha/r or
+    alpha/sqrt(r) under rsLoRA). A driver passes it to a library that takes an absolute multiplier (mlx-lm's
+    ``scale``), or checks it is 1 for one that has none."""
+    return case.scaling
 
 
 def slice_columns(out_features: int, slice_name: str) -> tuple[int, int]:

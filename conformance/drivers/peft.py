@@ -35,9 +35,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'reflora[peft]' -c constraints.txt"
     ) from exc
 
-from conformance.advanced import COMBINED, AdaptersCase, targeted_keys
 from conformance.drivers import peft_bridge as bridge
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.protocol import COMBINED, AdaptersCase, Capabilities, LayerCase, ModelCase, NotSupported, targeted_keys
 from reflora.targets import plan_lora
 
 PER_SLICE_NOTE = (
@@ -249,7 +248,7 @@ class PeftDriver:
             first_again = _np(model(**inputs).logits)
         return {"first": first, "second": second, "first_again": first_again}
 
-    # ------------------------------------------------------------------ conformance/advanced.py
+    # ------------------------------------------------------------------ the advanced methods (conformance.protocol.Driver)
 
     def model_adapters(self, case: AdaptersCase) -> dict:
         result = bridge.run_peft_adapters(

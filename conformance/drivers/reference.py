@@ -1,6 +1,6 @@
 """The ``reference`` driver: reflora itself, through the driver protocol. It must pass every test.
 
-Layer and model results come from ``conformance.reference`` (reflora's ops and model) evaluated in the case's
+Layer and model results come from ``conformance.expectations`` (reflora's ops and model) evaluated in the case's
 dtype; adapter files go through ``reflora.save_adapter`` / ``reflora.load_adapter``. It is also the base class
 of the deliberately wrong drivers in tests/mutants/, and a small worked example of a complete driver.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance import advanced, reference
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance import expectations
+from conformance.protocol import AdaptersCase, Capabilities, LayerCase, ModelCase, NotSupported, targeted_keys
 from reflora import __version__, load_adapter, save_adapter, save_gpt2
 from reflora.lora_init import init_adapter
 from reflora.merge import MergeError, merge_adapters, unmerge_adapters
@@ -55,23 +55,23 @@ class ReferenceDriver:
 
     @staticmethod
     def _dtype(case) -> str:
-        if case.dtype not in reference.NUMPY_DTYPES:
+        if case.dtype not in expectations.NUMPY_DTYPES:
             raise NotSupported(f"dtype {case.dtype}: NumPy has no such dtype")
         return case.dtype
 
     def layer_forward_backward(self, case: LayerCase) -> dict:
-        out = reference.layer_forward_backward(case, self._dtype(case))
+        out = expectations.layer_forward_backward(case, self._dtype(case))
         out["trainable"] = np.array(out["trainable"])
         return out
 
     def layer_merge(self, case: LayerCase) -> dict:
-        return reference.layer_merge(case, self._dtype(case))
+        return expectations.layer_merge(case, self._dtype(case))
 
     def model_forward_backward(self, case: ModelCase) -> dict:
-        return reference.model_forward_backward(case, self._dtype(case))
+        return expectations.model_forward_backward(case, self._dtype(case))
 
     def save_adapter(self, case: ModelCase, folder: Path) -> None:
-        dtype = reference.NUMPY_DTYPES[self._dtype(case)]
+        dtype = expectations.NUMPY_DTYPES[self._dtype(case)]
         plan = plan_lora(case.config, case.lora)
         biases = {k: case.params[k].astype(dtype) for k in trainable_bias_keys(case.config, case.lora, plan)}
         adapter = {k: v.astype(dtype) for k, v in case.adapter.items()}
@@ -80,51 +80,51 @@ class ReferenceDriver:
     def load_adapter_logits(self, case: ModelCase, folder: Path) -> np.ndarray:
         adapter, lora, biases = load_adapter(folder, case.config)
         params = {**case.params, **biases}
-        return reference.eval_logits(case, self._dtype(case), params=params, adapter=adapter, lora=lora)
+        return expectations.eval_logits(case, self._dtype(case), params=params, adapter=adapter, lora=lora)
 
     def model_switch_adapters(self, case: ModelCase) -> dict:
-        return reference.adapter_switch_logits(case, self._dtype(case))
+        return expectations.adapter_switch_logits(case, self._dtype(case))
 
-    # ------------------------------------------------------------------ conformance/advanced.py
+    # ------------------------------------------------------------------ the advanced methods (conformance.protocol.Driver)
 
-    def model_adapters(self, case: advanced.AdaptersCase) -> dict:
-        return advanced.adapters_forward_backward(case, self._dtype(case))
+    def model_adapters(self, case: AdaptersCase) -> dict:
+        return expectations.adapters_forward_backward(case, self._dtype(case))
 
-    def model_merge(self, case: advanced.AdaptersCase) -> dict:
+    def model_merge(self, case: AdaptersCase) -> dict:
         dtype = self._dtype(case)
         if not case.safe:
             return self._merge_round_trip(case, dtype)
-        params, adapters = advanced._cast(case.params, dtype), advanced._cast(case.adapters, dtype)
+        params, adapters = expectations.cast_tree(case.params, dtype), expectations.cast_tree(case.adapters, dtype)
         try:
             merge_adapters(params, case.config, adapters, safe=True)
             refused = False
         except MergeError:
             refused = True
-        return {"refused": refused, "after": {k: params[k] for k in advanced.targeted_keys(case)}}
+        return {"refused": refused, "after": {k: params[k] for k in targeted_keys(case)}}
 
-    def _merge_round_trip(self, case: advanced.AdaptersCase, dtype: str) -> dict:
-        params, adapters = advanced._cast(case.params, dtype), advanced._cast(case.adapters, dtype)
-        keys = advanced.targeted_keys(case)
+    def _merge_round_trip(self, case: AdaptersCase, dtype: str) -> dict:
+        params, adapters = expectations.cast_tree(case.params, dtype), expectations.cast_tree(case.adapters, dtype)
+        keys = targeted_keys(case)
         logits = gpt2_forward(params, case.config, case.input_ids, adapters=adapters)[0]
         merged, record = merge_adapters(params, case.config, adapters)
         unmerged = unmerge_adapters(merged, case.config, adapters, record)
         return {"logits": logits, "merged_logits": gpt2_forward(merged, case.config, case.input_ids)[0],
                 "merged": {k: merged[k] for k in keys}, "unmerged": {k: unmerged[k] for k in keys}}  # fmt: skip
 
-    def merge_and_unload(self, case: advanced.AdaptersCase, folder: Path) -> None:
-        save_gpt2(folder, advanced.unloaded_params(case, self._dtype(case)), case.config)
+    def merge_and_unload(self, case: AdaptersCase, folder: Path) -> None:
+        save_gpt2(folder, expectations.unloaded_params(case, self._dtype(case)), case.config)
 
-    def init_adapter(self, case: advanced.AdaptersCase) -> dict:
+    def init_adapter(self, case: AdaptersCase) -> dict:
         dtype = self._dtype(case)
-        params = advanced._cast(case.params, dtype)
+        params = expectations.cast_tree(case.params, dtype)
         adapter, new_params = init_adapter(params, case.config, case.init_lora, np.random.default_rng(case.seed))
         plan = plan_lora(case.config, case.init_lora)
         logits = gpt2_forward(new_params, case.config, case.input_ids, adapter=adapter, lora=case.init_lora)[0]
         return {"adapter": adapter, "params": {f"{m}.weight": new_params[f"{m}.weight"] for m in plan},
                 "logits": logits}  # fmt: skip
 
-    def weighted_adapter(self, case: advanced.AdaptersCase) -> dict:
-        return advanced.weighted_expectation(case, self._dtype(case))
+    def weighted_adapter(self, case: AdaptersCase) -> dict:
+        return expectations.weighted_expectation(case, self._dtype(case))
 
 
 driver = ReferenceDriver()

@@ -14,8 +14,11 @@ With LoRA dropout (keep-mask M, x_d = x ⊙ M / (1 − p)), PEFT (``DoraLinearLa
     y  = x Wtᵀ + b  +  (c − 1) ⊙ (x_d Wtᵀ)  +  c ⊙ s · (x_d Aᵀ) Bᵀ
 
 which is the formula above when M is all ones. ``dora_delta_forward`` returns the adapter term
-``δ = (c − 1) ⊙ (x_d Wtᵀ) + c ⊙ s (x_d Aᵀ) Bᵀ`` alone (the multi-adapter layer sums such terms);
-``dora_linear_forward`` is the whole layer ``x Wtᵀ + b + δ``.
+``δ = (c − 1) ⊙ (x_d Wtᵀ) + c ⊙ s (x_d Aᵀ) Bᵀ`` alone (the several-adapter layer, reflora.layer, sums such
+terms); ``dora_linear_forward`` is the whole layer ``x Wtᵀ + b + δ``. V is Wt plus LoRA's weight-space delta
+(``lora_delta_weight``) and s (x_d Aᵀ) Bᵀ is LoRA's delta (``lora_delta_forward``), both from
+reflora.ops.lora_linear; ``dora_weight`` is the one place that computes V and n (the merge and DoRA's
+initialisation call it too).
 
 Backward, with g = dy (N, out), z = x_d Vᵀ = x_d Wtᵀ + s (x_d Aᵀ) Bᵀ (N, out), u = x_d Aᵀ (N, r):
 
@@ -38,25 +41,40 @@ the forward above: n depends on A, B and Wt through V, and ∂n/∂V = V / n add
 from __future__ import annotations
 
 from reflora.backend import Array, namespace
+from reflora.ops.linear import linear_backward, linear_forward, weight_t
+from reflora.ops.lora_linear import (
+    LoraBranchWeights,
+    lora_delta_backward,
+    lora_delta_forward,
+    lora_delta_weight,
+    lora_dropout,
+)
 
 NORM_GRADIENTS = ("detached", "full")
 
 
-def _weight_t(xp, weight: Array, layout: str) -> Array:
-    """The (out, in) form of the weight."""
-    return xp.matrix_transpose(weight) if layout == "conv1d" else weight
+def dora_weight(weight: Array, A: Array, B: Array, scaling: float, layout: str = "conv1d") -> tuple[Array, Array]:
+    """V = Wt + s·B A (out, in), the adapted weight, and n = ‖V‖ over the input dimension (out,)."""
+    xp = namespace(weight, A, B)
+    out_features = B.shape[0]
+    branch = LoraBranchWeights(A, B, scaling, 0, out_features)
+    delta_t = lora_delta_weight((branch,), out_features, "linear")  # (out, in): s·B A, in the Linear layout
+    V = weight_t(weight, layout) + delta_t  # (out, in)
+    return V, xp.sqrt(xp.sum(V * V, axis=1))
 
 
 def dora_weight_norm(weight: Array, A: Array, B: Array, scaling: float, layout: str = "conv1d") -> Array:
     """n = ‖Wt + s·B A‖ over the input dimension, (out,): the norm DoRA divides by (and initialises m to)."""
-    xp = namespace(weight, A, B)
-    V = _weight_t(xp, weight, layout) + scaling * xp.matmul(B, A)  # (out, in)
-    return xp.sqrt(xp.sum(V * V, axis=1))
+    return dora_weight(weight, A, B, scaling, layout)[1]
+
+
+def _unit_branch(A: Array, B: Array) -> LoraBranchWeights:
+    """The full-width branch at scaling 1: DoRA applies s to the (N, out) product (s·(u Bᵀ), s·(g B) A)."""
+    return LoraBranchWeights(A, B, 1.0, 0, B.shape[0])
 
 
 def dora_delta_forward(
     x: Array,
-    x_weight: Array,
     weight: Array,
     A: Array,
     B: Array,
@@ -65,25 +83,24 @@ def dora_delta_forward(
     keep_mask: Array | None = None,
     dropout_p: float = 0.0,
     layout: str = "conv1d",
+    *,
+    x_weight: Array | None = None,
 ) -> tuple[Array, tuple]:
     """The DoRA term δ (N, out) of the module docstring, and its cache.
 
-    x: (N, in); x_weight: x Wtᵀ (N, out), the base output without bias, which the layer has already computed;
-    weight: (in, out) for ``layout="conv1d"``, (out, in) for ``"linear"``; A: (r, in); B: (out, r);
-    magnitude: (out,); keep_mask: (N, in) of 0/1 or None.
+    x: (N, in); weight: (in, out) for ``layout="conv1d"``, (out, in) for ``"linear"``; A: (r, in); B: (out, r);
+    magnitude: (out,); keep_mask: (N, in) of 0/1 or None; x_weight: x Wtᵀ (N, out), the base output without
+    bias, when the caller has already computed it.
     """
-    xp = namespace(x, weight, A, B, magnitude)
-    Wt = _weight_t(xp, weight, layout)  # (out, in)
-    V = Wt + scaling * xp.matmul(B, A)  # (out, in)
-    norm = xp.sqrt(xp.sum(V * V, axis=1))  # (out,)
+    V, norm = dora_weight(weight, A, B, scaling, layout)  # (out, in), (out,)
     factor = magnitude / norm  # (out,) c
-    if keep_mask is None:
-        x_drop, xd_weight = x, x_weight  # (N, in), (N, out)
+    x_drop = lora_dropout(x, keep_mask, dropout_p)  # (N, in)
+    if keep_mask is None and x_weight is not None:
+        xd_weight = x_weight  # (N, out)
     else:
-        x_drop = x * keep_mask * (1.0 / (1.0 - dropout_p))  # (N, in)
-        xd_weight = xp.matmul(x_drop, xp.matrix_transpose(Wt))  # (N, out)
-    u = xp.matmul(x_drop, xp.matrix_transpose(A))  # (N, r)
-    lora_out = scaling * xp.matmul(u, xp.matrix_transpose(B))  # (N, out)
+        xd_weight, _ = linear_forward(x_drop, weight, None, layout)  # (N, out)
+    lora_part, (_, u) = lora_delta_forward(x_drop, _unit_branch(A, B))  # (N, out), (N, r)
+    lora_out = scaling * lora_part  # (N, out): s (x_d Aᵀ) Bᵀ
     delta = (factor - 1.0) * xd_weight + factor * lora_out  # (N, out)
     return delta, (x_drop, xd_weight, u, lora_out, V, norm, factor)
 
@@ -98,11 +115,12 @@ def dora_delta_backward(
     keep_mask: Array | None = None,
     dropout_p: float = 0.0,
     layout: str = "conv1d",
+    *,
     norm_gradient: str = "detached",
     want_dx: bool = True,
     want_dweight: bool = False,
 ) -> tuple[Array | None, Array | None, Array, Array, Array]:
-    """ddelta: (N, out) -> (dx (N, in) | None, dweight (weight's layout) | None, dA (r, in), dB (out, r), dm (out,)).
+    """ddelta: (N, out) -> dx (N, in) | None, dweight (weight's layout) | None, dA (r, in), dB (out, r), dm (out,).
 
     dx and dweight are δ's share only: the layer adds the base's ``g Wt`` and ``gᵀ x``.
     """
@@ -110,14 +128,13 @@ def dora_delta_backward(
         raise ValueError(f"norm_gradient must be one of {NORM_GRADIENTS}, got {norm_gradient!r}")
     xp = namespace(ddelta, weight, A, B)
     x_drop, xd_weight, u, lora_out, V, norm, factor = cache
-    Wt = _weight_t(xp, weight, layout)  # (out, in)
     dfactor = xp.sum(ddelta * (xd_weight + lora_out), axis=0)  # (out,) dc
     dmagnitude = dfactor / norm  # (out,)
     g_c = ddelta * factor  # (N, out)
     g_c1 = ddelta * (factor - 1.0)  # (N, out)
-    gB = xp.matmul(g_c, B)  # (N, r)
-    dB = scaling * xp.matmul(xp.matrix_transpose(g_c), u)  # (out, r)
-    dA = scaling * xp.matmul(xp.matrix_transpose(gB), x_drop)  # (r, in)
+    lora_dx, (dA, dB), _ = lora_delta_backward(g_c, (x_drop, u), _unit_branch(A, B), want_dx=want_dx)
+    dB = scaling * dB  # (out, r): s (g ⊙ c)ᵀ u
+    dA = scaling * dA  # (r, in): s ((g ⊙ c) B)ᵀ x_d
     dWt = xp.matmul(xp.matrix_transpose(g_c1), x_drop) if want_dweight else None  # (out, in)
     if norm_gradient == "full":
         dV = xp.reshape(-dfactor * factor / (norm * norm), (-1, 1)) * V  # (out, in)
@@ -127,12 +144,9 @@ def dora_delta_backward(
             dWt = dWt + dV
     dx = None
     if want_dx:
-        dx = scaling * xp.matmul(gB, A) + xp.matmul(g_c1, Wt)  # (N, in) gradient of x_drop
-        if keep_mask is not None:
-            dx = dx * keep_mask * (1.0 / (1.0 - dropout_p))
-    dweight = None
-    if dWt is not None:
-        dweight = xp.matrix_transpose(dWt) if layout == "conv1d" else dWt
+        base_dx, _, _ = linear_backward(g_c1, x_drop, weight, layout)  # (N, in): (g ⊙ (c − 1)) Wt
+        dx = lora_dropout(scaling * lora_dx + base_dx, keep_mask, dropout_p)  # (N, in)
+    dweight = None if dWt is None else weight_t(dWt, layout)
     return dx, dweight, dA, dB, dmagnitude
 
 
@@ -149,12 +163,13 @@ def dora_linear_forward(
     layout: str = "conv1d",
 ) -> tuple[Array, tuple]:
     """The whole layer y = x Wtᵀ + b + δ: x (N, in) -> y (N, out), cache."""
-    xp = namespace(x, weight)
-    x_weight = xp.matmul(x, weight) if layout == "conv1d" else xp.matmul(x, xp.matrix_transpose(weight))  # (N, out)
-    delta, delta_cache = dora_delta_forward(x, x_weight, weight, A, B, magnitude, scaling, keep_mask, dropout_p, layout)
+    x_weight, _ = linear_forward(x, weight, None, layout)  # (N, out)
+    delta, delta_cache = dora_delta_forward(
+        x, weight, A, B, magnitude, scaling, keep_mask, dropout_p, layout, x_weight=x_weight
+    )
     y = x_weight + delta
     if bias is not None:
-        y = y + bias
+        y += bias
     return y, (x, delta_cache)
 
 
@@ -168,21 +183,23 @@ def dora_linear_backward(
     keep_mask: Array | None = None,
     dropout_p: float = 0.0,
     layout: str = "conv1d",
+    *,
     norm_gradient: str = "detached",
     want_dx: bool = True,
     want_dweight: bool = False,
     want_dbias: bool = False,
-) -> tuple[Array | None, Array | None, Array | None, tuple[Array, Array, Array]]:
-    """dy: (N, out) -> dx (N, in) | None, dweight | None, dbias (out,) | None, (dA, dB, dm)."""
-    xp = namespace(dy, weight)
+) -> tuple[Array | None, Array | None, Array | None, Array, Array, Array]:
+    """dy: (N, out) -> dx (N, in) | None, dweight | None, dbias (out,) | None, dA (r, in), dB (out, r), dm (out,)."""
     x, delta_cache = cache
     dx, dweight, dA, dB, dm = dora_delta_backward(
-        dy, delta_cache, weight, A, B, scaling, keep_mask, dropout_p, layout, norm_gradient, want_dx, want_dweight
+        dy, delta_cache, weight, A, B, scaling, keep_mask, dropout_p, layout,
+        norm_gradient=norm_gradient, want_dx=want_dx, want_dweight=want_dweight,
+    )  # fmt: skip
+    base_dx, base_dweight, dbias = linear_backward(
+        dy, x, weight, layout, want_dx=want_dx, want_dweight=want_dweight, want_dbias=want_dbias
     )
     if want_dx:
-        dx = dx + (xp.matmul(dy, xp.matrix_transpose(weight)) if layout == "conv1d" else xp.matmul(dy, weight))
+        dx = dx + base_dx
     if want_dweight:
-        dW = xp.matmul(xp.matrix_transpose(x), dy)  # (in, out)
-        dweight = dweight + (dW if layout == "conv1d" else xp.matrix_transpose(dW))
-    dbias = xp.sum(dy, axis=0) if want_dbias else None
-    return dx, dweight, dbias, (dA, dB, dm)
+        dweight = dweight + base_dweight
+    return dx, dweight, dbias, dA, dB, dm

@@ -1,4 +1,4 @@
-"""Mutants for the advanced features (conformance/advanced.py): the reference driver with one bug each in merge,
+"""Mutants for the advanced features (docs/advanced-semantics.md): the reference driver with one bug each in merge,
 DoRA, inits, several adapters or weighted combinations. Same contract as tests/mutants/catalog.py."""
 
 from __future__ import annotations

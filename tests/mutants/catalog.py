@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 
-from conformance import reference
+from conformance import expectations
 from conformance.drivers.reference import ReferenceDriver
 from reflora.config import LoraConfig
 from reflora.ops import lora_linear_backward, lora_linear_forward
@@ -43,9 +43,9 @@ class Mutant(ReferenceDriver):
         """(target, replacement) pairs patched while the driver runs."""
         ops = []
         if self.forward_op is not lora_linear_forward:
-            ops.append(("reflora.model.lora_linear_forward", self.forward_op))
+            ops.append(("reflora.layer.lora_linear_forward", self.forward_op))
         if self.backward_op is not lora_linear_backward:
-            ops.append(("reflora.model.lora_linear_backward", self.backward_op))
+            ops.append(("reflora.layer.lora_linear_backward", self.backward_op))
         return ops
 
     @contextlib.contextmanager
@@ -57,7 +57,7 @@ class Mutant(ReferenceDriver):
 
     def layer_forward_backward(self, case):
         with self.bugged():
-            out = reference.layer_forward_backward(case, self._dtype(case), self.forward_op, self.backward_op)
+            out = expectations.layer_forward_backward(case, self._dtype(case), self.forward_op, self.backward_op)
         out["trainable"] = np.array(out["trainable"])
         return out
 
@@ -87,8 +87,7 @@ class ScalingMissing(Mutant):
     MUST_PASS = frozenset({"model.adapter_save"})
 
     def patches(self):
-        return [("reflora.config.LoraConfig.scaling", lambda self, r, alpha: 1.0),
-                ("conformance.reference.scaling", lambda r, alpha, use_rslora: 1.0)]  # fmt: skip
+        return [("reflora.config.LoraConfig.scaling", lambda self, r, alpha: 1.0)]
 
 
 class RsloraIgnored(Mutant):
@@ -97,8 +96,7 @@ class RsloraIgnored(Mutant):
     MUST_PASS = frozenset(LAYER_FB | {"model.forward_backward"})
 
     def patches(self):
-        return [("reflora.config.LoraConfig.scaling", lambda self, r, alpha: alpha / r),
-                ("conformance.reference.scaling", lambda r, alpha, use_rslora: alpha / r)]  # fmt: skip
+        return [("reflora.config.LoraConfig.scaling", lambda self, r, alpha: alpha / r)]
 
 
 # ---------------------------------------------------------------------------------------------- transposed delta
@@ -122,7 +120,7 @@ class Conv1dDeltaTransposed(Mutant):
                                       lora_B={k: v.T for k, v in case.lora_A.items()})  # fmt: skip
         out = super().layer_forward_backward(swapped)
         for k in case.lora_A:
-            suffix = reference.result_suffix(k)
+            suffix = expectations.result_suffix(k)
             out[f"lora_A{suffix}"], out[f"lora_B{suffix}"] = out[f"lora_B{suffix}"].T, out[f"lora_A{suffix}"].T
         return out
 
@@ -231,7 +229,7 @@ class WrongBiasTrainable(Mutant):
                 lora = dataclasses.replace(lora, bias="all")
             return trainable_keys(config, lora)
 
-        with mock.patch("conformance.reference.trainable_keys", all_biases):
+        with mock.patch("conformance.expectations.trainable_keys", all_biases):
             return super().model_forward_backward(case)
 
 
@@ -259,7 +257,7 @@ class MergeWithoutScaling(Mutant):
     MUST_PASS = frozenset(LAYER_FB)
 
     def layer_merge(self, case):
-        with mock.patch("conformance.reference.scaling", lambda r, alpha, use_rslora: 1.0):
+        with mock.patch("reflora.config.LoraConfig.scaling", lambda self, r, alpha: 1.0):
             return super().layer_merge(case)
 
 

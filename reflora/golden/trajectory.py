@@ -33,11 +33,9 @@ which explains why a trajectory needs a looser tolerance than a single gradient)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,20 +44,13 @@ from typing import Any
 import numpy as np
 
 from reflora._version import __version__
-from reflora.checkpoint import CheckpointError, atomic_write_bytes
-from reflora.config import ConfigError
-from reflora.golden import (
-    FORMAT,
-    GoldenCase,
-    GoldenError,
-    default_golden_dir,
-    generate_case,
-    load_spec,
-    serialize_fixture,
-    sha256_file,
-    unpack_fixture,
-)
-from reflora.model import trainable_keys
+from reflora.checkpoint import atomic_write_bytes, read_json
+from reflora.config import ConfigError, GPT2Config, LoraConfig
+from reflora.golden.corpus import default_golden_dir
+from reflora.golden.derive import GoldenCase, generate_case, unpack_fixture
+from reflora.golden.files import GoldenError, read_fixture_file, serialize_fixture, sha256_file
+from reflora.golden.spec import FORMAT, fixture_layout, load_spec, spec_configs
+from reflora.model import gpt2_loss_and_grads, trainable_keys
 from reflora.optim import (
     OptimizerError,
     clip_grad_norm,
@@ -101,12 +92,7 @@ def load_trajectory_spec(source: Mapping[str, Any] | str | Path) -> dict[str, An
     ``train_base`` false (it trains what PEFT trains), and ``batch_size`` divisible by ``micro_batches``.
     """
     if isinstance(source, (str, Path)):
-        try:
-            source = json.loads(Path(source).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such spec file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        source = read_json(source, ConfigError, "spec file")
     if not isinstance(source, Mapping) or TRAJECTORY_KEY not in source:
         raise ConfigError(f"a trajectory spec is a golden spec with a {TRAJECTORY_KEY!r} object")
     spec = load_spec({k: v for k, v in source.items() if k != TRAJECTORY_KEY})
@@ -133,7 +119,7 @@ def load_trajectory_spec(source: Mapping[str, Any] | str | Path) -> dict[str, An
     if spec["dtype"] != "float64":
         raise ConfigError(
             "a trajectory is float64 only: AdamW makes float32 rounding noise into ±lr updates "
-            "(see reflora.trajectory.RTOL)"
+            "(see reflora.golden.trajectory.RTOL)"
         )
     if spec["objective"] != "loss":
         raise ConfigError("a trajectory minimises the loss: spec.objective must be 'loss'")
@@ -151,8 +137,6 @@ def golden_part(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def trajectory_layout(spec: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """The trajectory tensors of a filled spec (besides the golden case's): name -> (shape, dtype)."""
-    from reflora.golden import spec_configs
-
     config, lora = spec_configs(spec)
     steps, dtype = spec[TRAJECTORY_KEY]["steps"], spec["dtype"]
     shapes = {**base_shapes(config), **adapter_shapes(plan_lora(config, lora))}
@@ -172,6 +156,36 @@ def final_name(key: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def accumulated_loss_and_grads(
+    params: Mapping[str, np.ndarray],
+    adapter: Mapping[str, np.ndarray] | None,
+    config: GPT2Config,
+    lora: LoraConfig | None,
+    micro_batches: list[dict[str, Any]],
+    wrt: list[str] | None = None,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean loss and mean gradient of the trained tensors (``wrt``, default ``trainable_keys``) over micro-batches.
+
+    Each micro-batch is a dict with ``input_ids`` (b, T) and ``labels`` (b, T), and optionally ``attention_mask``,
+    ``position_ids`` and ``dropout_masks`` (``gpt2_forward``'s arguments). Its loss is its own mean; with K
+    micro-batches the result is Σ_k loss_k / K and Σ_k g_k / K, what ``(loss_k / K).backward()`` accumulates.
+    """
+    k = len(micro_batches)
+    total_loss, total = 0.0, None
+    for batch in micro_batches:
+        forward = {name: value for name, value in batch.items() if name not in ("input_ids", "labels")}
+        loss, _, grads = gpt2_loss_and_grads(
+            params, config, batch["input_ids"], batch["labels"], wrt=wrt, adapter=adapter, lora=lora, **forward
+        )
+        total_loss += float(loss) / k
+        if total is None:
+            total = {key: g / k for key, g in grads.items()}
+        else:
+            for key, g in grads.items():
+                total[key] = total[key] + g / k
+    return total_loss, total
+
+
 def micro_batch_rows(batch_size: int, micro_batches: int) -> list[slice]:
     """The rows of each micro-batch: equal consecutive groups."""
     size = batch_size // micro_batches
@@ -179,7 +193,7 @@ def micro_batch_rows(batch_size: int, micro_batches: int) -> list[slice]:
 
 
 def micro_batches_of(case: GoldenCase, rows: slice) -> dict[str, Any]:
-    """The forward inputs of the case's rows ``rows`` (``train.accumulated_loss_and_grads``'s micro-batch)."""
+    """The forward inputs of the case's rows ``rows`` (``accumulated_loss_and_grads``'s micro-batch)."""
     batch: dict[str, Any] = {"input_ids": case.input_ids[rows], "labels": case.labels[rows],
                              "attention_mask": case.attention_mask[rows]}  # fmt: skip
     if case.position_ids is not None:
@@ -191,8 +205,6 @@ def micro_batches_of(case: GoldenCase, rows: slice) -> dict[str, Any]:
 
 def run_trajectory(case: GoldenCase, trajectory: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The trajectory tensors (``trajectory_layout``) of a case, by the reference and ``reflora.optim``."""
-    from reflora.train import accumulated_loss_and_grads
-
     optimizer = optimizer_config_from_dict(trajectory["optimizer"])
     keys = trainable_keys(case.config, case.lora)
     params, adapter = dict(case.params), dict(case.adapter)
@@ -241,19 +253,8 @@ class TrajectoryCase:
 
 def read_trajectory_fixture(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(filled spec, tensors)`` of a trajectory fixture; the tensors must be exactly those the spec implies."""
-    from safetensors import SafetensorError, safe_open
-
-    from reflora.golden import fixture_layout
-
     path = Path(path)
-    if not path.is_file():
-        raise GoldenError(f"{path}: no such fixture file")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GoldenError(f"{path}: not a readable safetensors file ({exc})") from None
+    metadata, tensors = read_fixture_file(path)
     if metadata.get("format") != FORMAT or metadata.get("kind") != "trajectory":
         raise GoldenError(f"{path}: not a {FORMAT} trajectory fixture (format {metadata.get('format')!r}, "
                           f"kind {metadata.get('kind')!r})")  # fmt: skip
@@ -372,44 +373,3 @@ def verify_trajectory_corpus(folder: str | Path | None = None) -> dict[str, list
         if read_trajectory_fixture(paths[name])[0] != specs[name]:
             report[name].append(f"cases/{name}.json differs from the fixture's spec (run `{GENERATE_COMMAND}`)")
     return report
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "trajectory",
-        help="generate and verify the golden trajectories (a few AdamW steps of LoRA training)",
-        description="Golden trajectories: golden cases plus a few optimizer steps (reflora.trajectory). The committed "
-        "cases are golden/trajectories/.",
-    )
-    sub = p.add_subparsers(dest="trajectory_command", metavar="ACTION", required=True)
-    gen = sub.add_parser("generate", help="rewrite golden/trajectories/ from its cases/*.json")
-    gen.add_argument("--dir", type=Path, default=None, help="the trajectory folder (default golden/trajectories)")
-    gen.set_defaults(func=_run_generate)
-    ver = sub.add_parser("verify", help="regenerate every committed trajectory in memory and compare")
-    ver.add_argument("--dir", type=Path, default=None, help="the trajectory folder (default golden/trajectories)")
-    ver.set_defaults(func=_run_verify)
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    try:
-        manifest = generate_trajectory_corpus(args.dir)
-    except (ConfigError, CheckpointError) as exc:
-        raise SystemExit(f"reflora trajectory: error: {exc}") from None
-    print(f"wrote {manifest['case_count']} trajectory cases, {manifest['total_bytes']:,} bytes, "
-          f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
-    return 0
-
-
-def _run_verify(args: argparse.Namespace) -> int:
-    try:
-        report = verify_trajectory_corpus(args.dir)
-    except (ConfigError, CheckpointError) as exc:
-        raise SystemExit(f"reflora trajectory: error: {exc}") from None
-    for name, problems in report.items():
-        print(f"{name}: {'ok' if not problems else 'FAIL'}")
-        for problem in problems:
-            print(f"  {problem}")
-    ok = all(not p for p in report.values())
-    print("verify: ok" if ok else "verify: FAILED")
-    return 0 if ok else 1

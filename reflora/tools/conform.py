@@ -5,8 +5,9 @@
     reflora conform --candidate peft --report-json r.json --junitxml junit.xml
     reflora conform --candidate peft --replay '<spec json>' --dump case.safetensors   # one case alone
 
-It runs pytest on the installed ``conformance`` package with its plugin; it installs nothing (``--isolated``
-asks ``conformance.envs`` for the candidate's own virtual environment, which may install it there). Exit
+It runs pytest on the installed ``conformance`` package with its plugin (conformance/plugin.py); it installs
+nothing (``--isolated`` asks ``conformance.envs`` for the candidate's own virtual environment, which may install
+it there). Exit
 status: 0 when every failure is a known deviation, 1 with unknown failures, 2 on a usage error, 5 when nothing
 was checked. ``--replay``: 0 pass, 1 fail, 3 not supported.
 """
@@ -14,11 +15,13 @@ was checked. ``--replay``: 0 pass, 1 fail, 3 not supported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-CONFORMANCE_DIR = Path(__file__).resolve().parent
+# found, not imported: pytest must import the suite itself (its plugin's assertion rewriting)
+CONFORMANCE_DIR = Path(importlib.util.find_spec("conformance").origin).resolve().parent
 SCRATCH_VARIABLE = "REFLORA_CONFORM_SCRATCH"  # set by the CLI: hypothesis's storage folder for the run
 
 
@@ -102,12 +105,12 @@ def _forwarded_argv(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_candidates:
-        from conformance.runner import shipped_drivers
+        from conformance.loader import shipped_drivers
 
         print("\n".join(shipped_drivers()))
         return 0
     if not args.candidate:
-        from conformance.runner import shipped_drivers
+        from conformance.loader import shipped_drivers
 
         print(
             "reflora conform: no candidate given. Name one with --candidate NAME (shipped: "
@@ -143,8 +146,9 @@ def replay(args: argparse.Namespace) -> int:
     """Run the one case ``args.replay`` describes, print its comparison, optionally dump it."""
     from conformance.checks import run_check
     from conformance.features import FEATURES, missing_capability
-    from conformance.protocol import NotSupported
-    from conformance.runner import CandidateError, DriverLoadError, capabilities_from_json, make_runner
+    from conformance.loader import capabilities_from_json
+    from conformance.protocol import CandidateError, DriverLoadError, NotSupported
+    from conformance.runner import make_runner
     from conformance.tolerance import IllConditioned
 
     try:
@@ -201,7 +205,7 @@ def dump_case(result, path: str, candidate: str) -> None:
     import numpy as np
 
     from conformance.cases import build_case, case_tensors, spec_json
-    from conformance.runner import encode_results
+    from conformance.wire import encode_results
     from reflora.checkpoint import atomic_save_safetensors
 
     tensors = {f"input/{k}": np.asarray(v) for k, v in case_tensors(build_case(result.spec)).items()}
@@ -215,7 +219,7 @@ def dump_case(result, path: str, candidate: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.cli")
+    parser = argparse.ArgumentParser(prog="python -m reflora.tools.conform")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["conform", *(sys.argv[1:] if argv is None else argv)])
     return run(args)

@@ -4,7 +4,8 @@
     reflora matrix --candidates peft,loralib,mlx-lm  # a subset (names or aliases)
     reflora matrix --render-only                     # re-render docs/ from the stored JSON reports
 
-Each candidate runs ``reflora conform --candidate NAME --profile ci --report-json ...`` in its own process:
+Each candidate runs ``reflora conform --candidate NAME --profile ci --report-json ...`` in its own process
+(``python -m reflora.tools``, the console script, with this interpreter):
 peft and reference in the current environment, every other one with ``--isolated`` (its group's virtual
 environment, built once by ``conformance.envs``). The JSON reports (format ``reflora-conformance/1``) are kept
 in the reports folder (default ``docs/conformance-reports/<driver>.json``), next to ``index.json`` (exit codes
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # reflora/tools/matrix.py -> the checkout
+CONSOLE_MODULE = "reflora.tools"  # ``python -m reflora.tools`` is the ``reflora`` console script
 DEFAULT_DOCS = REPO / "docs"
 MATRIX_FILE = "conformance-matrix.md"
 IMAGE_FILE = Path("img") / "conformance-matrix.png"
@@ -73,7 +75,7 @@ def register(subparsers) -> None:
 
 
 def all_candidates() -> list[str]:
-    from conformance.runner import shipped_drivers
+    from conformance.loader import shipped_drivers
 
     return order(shipped_drivers())
 
@@ -84,7 +86,7 @@ def order(names) -> list[str]:
 
 def parse_candidates(text: str | None) -> list[str]:
     """Driver names for ``--candidates`` (aliases such as ``adapters`` accepted); an unknown name is an error."""
-    from conformance.runner import shipped_name
+    from conformance.loader import shipped_name
 
     shipped = all_candidates()
     if not text:
@@ -97,7 +99,7 @@ def parse_candidates(text: str | None) -> list[str]:
 
 
 def conform_command(candidate: str, report: Path, profile: str, max_examples: int | None) -> list[str]:
-    command = [sys.executable, "-m", "reflora.cli", "conform", "--candidate", candidate, "--profile", profile,
+    command = [sys.executable, "-m", CONSOLE_MODULE, "conform", "--candidate", candidate, "--profile", profile,
                "--report-json", str(report)]  # fmt: skip
     if max_examples is not None:
         command += ["--max-examples", str(max_examples)]
@@ -397,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.matrix")
+    parser = argparse.ArgumentParser(prog="python -m reflora.tools.matrix")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["matrix", *(sys.argv[1:] if argv is None else argv)])
     return run(args)

@@ -5,7 +5,7 @@ The workload (defaults): GPT-2 small (``GPT2Config()``, 124M) with seeded random
 128, float32, 2 threads. One step is the forward, the shifted causal cross-entropy, and the backward with
 gradients for the LoRA tensors only (``--grads full``: every base tensor, no LoRA).
 
-Each implementation runs in its own process (``reflora._bench_worker``) with ``OPENBLAS_NUM_THREADS``,
+Each implementation runs in its own process (``reflora.tools.bench_worker``) with ``OPENBLAS_NUM_THREADS``,
 ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set before NumPy or torch loads (and ``torch.set_num_threads``).
 ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` (set on some machines for old OpenBLAS builds) are removed
 from the workers' environment unless ``--keep-openblas-env``, and the kernel OpenBLAS then picks is reported.
@@ -35,7 +35,9 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from reflora.checkpoint import atomic_write_bytes
 from reflora.config import GPT2Config, LoraConfig
+from reflora.targets import plan_lora
 
 OPENBLAS_TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # The environment both workers run in unless --plain-env (docs/performance.md measures each variable):
@@ -137,8 +139,6 @@ def step_products(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig
     dA = gBᵀ x (r·N·in) and, while a wanted tensor lies below, gB A (N·r·in). The frozen weights' dW are never
     computed. With ``lora=None`` (full fine-tuning): every dX and every dW = xᵀ dy (the head's too: V·N·C).
     """
-    from reflora.targets import plan_lora
-
     b, t, c, v, h = batch, seq_len, config.n_embd, config.vocab_size, config.n_head
     n, inner, d = b * t, config.inner_dim, config.n_embd // config.n_head
     shapes = {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, inner), "mlp.c_proj": (inner, c)}
@@ -237,15 +237,15 @@ def worker_env(threads: int, keep_openblas_env: bool, plain_env: bool = False) -
     removed = {}
     if not keep_openblas_env:
         removed = {name: env.pop(name) for name in OPENBLAS_TUNING_VARIABLES if name in env}
-    repo_root = str(Path(__file__).resolve().parent.parent)  # the workers import this very reflora
+    repo_root = str(Path(__file__).resolve().parents[2])  # the workers import this very reflora
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     return env, removed
 
 
 def run_worker(job: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Run one ``reflora._bench_worker`` job in a fresh interpreter; its last stdout line is the result."""
+    """Run one ``reflora.tools.bench_worker`` job in a fresh interpreter; its last stdout line is the result."""
     proc = subprocess.run(
-        [sys.executable, "-m", "reflora._bench_worker"],
+        [sys.executable, "-m", "reflora.tools.bench_worker"],
         input=json.dumps(job),
         capture_output=True,
         text=True,
@@ -442,8 +442,6 @@ def run_bench(args) -> int:
         plot_seq_len(sweeps["seq_len"], impls, args.plot, report)
         print(f"  plot written to {args.plot}")
     if args.json is not None:
-        from reflora.checkpoint import atomic_write_bytes
-
         atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
         print(f"  JSON written to {args.json}")
     return 0

@@ -1,6 +1,6 @@
-"""One measurement of ``reflora bench``, run in a process of its own (``python -m reflora._bench_worker``).
+"""One measurement of ``reflora bench``, run in a process of its own (``python -m reflora.tools.bench_worker``).
 
-The parent (``reflora.bench``) starts one worker per implementation, with the thread-count variables already
+The parent (``reflora.tools.bench``) starts one worker per implementation, with the thread-count variables already
 in the environment, so that NumPy's OpenBLAS and torch read them when they load, and so that each peak-memory
 figure belongs to one implementation alone. The job arrives as JSON on stdin; the result leaves as one JSON
 line on stdout.
@@ -8,7 +8,7 @@ line on stdout.
 Jobs (``"kind"``):
 
 * ``"matmul"``: the sustained rate of an n×n×n float matrix product, for NumPy (or CuPy) and torch; with
-  ``"products"`` (``reflora.bench.step_products``), also the step's own products replayed alone in both.
+  ``"products"`` (``reflora.tools.bench.step_products``), also the step's own products replayed alone in both.
 * ``"reference"``: ``reflora.gpt2_loss_and_grads`` on NumPy (or CuPy) arrays.
 * ``"torch"``: transformers ``GPT2LMHeadModel`` + PEFT, the loss and ``loss.backward()`` under eager autograd.
 
@@ -332,7 +332,7 @@ def measure_matmul(job) -> dict[str, Any]:
 
 
 def measure_products(job, xp, sync: Callable[[], None]) -> dict[str, Any]:
-    """The step's matrix products alone (``reflora.bench.step_products``), back to back, in NumPy (or CuPy) and
+    """The step's matrix products alone (``reflora.tools.bench.step_products``), back to back, in NumPy (or CuPy) and
     in torch on the same operands: the time a step would take if it did nothing but its products.
 
     Operands are made once, as in the model: one array per weight, shared by the forward and the backward (so

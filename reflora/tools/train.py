@@ -2,7 +2,7 @@
 
 One step s = 0, 1, ..., steps − 1 of a run seeded S:
 
-    for k < grad_accum:  ids_k = windows of the train split (reflora.data.batch_rng(S, s, k))     (B, T)
+    for k < grad_accum:  ids_k = windows of the train split (reflora.tools.data.batch_rng(S, s, k))     (B, T)
                          loss_k, g_k = gpt2_loss_and_grads(θ, ids_k, labels=ids_k)             (mean over B·(T−1))
     g = Σ_k g_k / grad_accum          as HF's Trainer does (each micro-batch's loss divided by grad_accum, the
                                       gradients summed); equal to one batch of B·grad_accum rows here, since every
@@ -53,20 +53,9 @@ from reflora.checkpoint import (
     save_gpt2,
 )
 from reflora.config import ConfigError, GPT2Config, LoraConfig
-from reflora.data import (
-    VOCAB_SIZE,
-    DataError,
-    batch_rng,
-    corpus_info,
-    encode,
-    eval_windows,
-    load_corpus,
-    load_text_file,
-    sample_windows,
-    split_tokens,
-)
+from reflora.golden.trajectory import accumulated_loss_and_grads
 from reflora.init import draw_dropout_masks, init_lora_adapter
-from reflora.model import gpt2_forward, gpt2_loss_and_grads, trainable_keys
+from reflora.model import gpt2_forward, trainable_keys
 from reflora.ops.crossentropy import cross_entropy_forward
 from reflora.optim import (
     AdamWConfig,
@@ -81,7 +70,19 @@ from reflora.optim import (
     optimizer_state_tensors,
     optimizer_step,
 )
-from reflora.targets import plan_lora
+from reflora.targets import base_shapes, plan_lora
+from reflora.tools.data import (
+    VOCAB_SIZE,
+    DataError,
+    batch_rng,
+    corpus_info,
+    encode,
+    eval_windows,
+    load_corpus,
+    load_text_file,
+    sample_windows,
+    split_tokens,
+)
 
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "float64")
@@ -164,7 +165,7 @@ class TrainState:
 
 def init_rng(seed: int, purpose: int) -> np.random.Generator:
     """A generator for initial weights: ``SeedSequence([seed, purpose])`` (0: the base model, 1: the adapter),
-    never the same stream as a batch (``reflora.data.batch_rng`` uses three words)."""
+    never the same stream as a batch (``reflora.tools.data.batch_rng`` uses three words)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, purpose])))
 
 
@@ -172,8 +173,6 @@ def init_pretraining_params(config: GPT2Config, rng: np.random.Generator, dtype=
     """HF ``GPT2PreTrainedModel._init_weights``: weights and embeddings N(0, 0.02²), ``*.c_proj.weight``
     N(0, (0.02/√(2·n_layer))²), biases 0, LayerNorm weights 1. (``reflora.init_gpt2_params`` is the fixtures'
     init, with random LayerNorms and biases; this one is for training from scratch.)"""
-    from reflora.targets import base_shapes
-
     params = {}
     for key, shape in base_shapes(config).items():
         if ".ln_" in key:
@@ -235,36 +234,6 @@ def lr_factor(step: int, train: TrainConfig) -> float:
     else:
         decayed = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * decayed
-
-
-def accumulated_loss_and_grads(
-    params: Mapping[str, np.ndarray],
-    adapter: Mapping[str, np.ndarray] | None,
-    config: GPT2Config,
-    lora: LoraConfig | None,
-    micro_batches: list[dict[str, Any]],
-    wrt: list[str] | None = None,
-) -> tuple[float, dict[str, np.ndarray]]:
-    """Mean loss and mean gradient of the trained tensors (``wrt``, default ``trainable_keys``) over micro-batches.
-
-    Each micro-batch is a dict with ``input_ids`` (b, T) and ``labels`` (b, T), and optionally ``attention_mask``,
-    ``position_ids`` and ``dropout_masks`` (``gpt2_forward``'s arguments). Its loss is its own mean; with K
-    micro-batches the result is Σ_k loss_k / K and Σ_k g_k / K, what ``(loss_k / K).backward()`` accumulates.
-    """
-    k = len(micro_batches)
-    total_loss, total = 0.0, None
-    for batch in micro_batches:
-        forward = {name: value for name, value in batch.items() if name not in ("input_ids", "labels")}
-        loss, _, grads = gpt2_loss_and_grads(
-            params, config, batch["input_ids"], batch["labels"], wrt=wrt, adapter=adapter, lora=lora, **forward
-        )
-        total_loss += float(loss) / k
-        if total is None:
-            total = {key: g / k for key, g in grads.items()}
-        else:
-            for key, g in grads.items():
-                total[key] = total[key] + g / k
-    return total_loss, total
 
 
 def train_step(
@@ -424,7 +393,7 @@ def load_checkpoint(out: str | Path) -> tuple[TrainState, dict[str, Any]]:
 
 
 def corpus_text(corpus: str | None, text_file: str | None) -> str:
-    """The text a run trains on: a named corpus (``reflora.data.CORPORA``) or a UTF-8 file."""
+    """The text a run trains on: a named corpus (``reflora.tools.data.CORPORA``) or a UTF-8 file."""
     if text_file is not None:
         return load_text_file(text_file)
     return load_corpus(corpus or "pydoc")
@@ -492,11 +461,6 @@ def register(subparsers) -> None:
                      "(every other setting comes from the checkpoint; --steps may extend a constant-lr run)")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
-
-    from reflora import experiment, trajectory
-
-    experiment.register(subparsers)
-    trajectory.register(subparsers)
 
 
 def run_settings(args: argparse.Namespace, train: TrainConfig, optimizer: OptimizerConfig) -> dict[str, Any]:
