@@ -77,8 +77,9 @@ class CheckResult:
         numeric = [c for c in self.comparisons if c.problem is None and c.bound > 0]
         return max(numeric, key=lambda c: c.ratio, default=None)
 
-    def report(self, candidate: str) -> str:
-        """A plain-text account: the failing tensors, the case, and the command that replays it alone."""
+    def report(self, candidate: str, prefix: str = "") -> str:
+        """A plain-text account: the failing tensors, the case, and the command that replays it alone
+        (``prefix``: the folder and PYTHONPATH it needs, ``conformance.suite.replay_prefix``)."""
         lines = [f"{'passed' if self.passed else 'FAILED'}: {self.feature} (dtype {self.spec.get('dtype', '?')})"]
         if self.error is not None:
             lines.append(f"  the candidate {self.error.kind}: {self.error.message}")
@@ -99,7 +100,7 @@ class CheckResult:
                 )
         lines.append(f"  case: {spec_json(self.spec)}")
         lines.append("  reproduce this case alone:")
-        lines.append(f"    {replay_command(candidate, self.spec)}")
+        lines.append(f"    {prefix}{replay_command(candidate, self.spec)}")
         return "\n".join(lines)
 
 

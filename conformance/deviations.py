@@ -63,3 +63,46 @@ def load_deviations(path: str | Path | None) -> list[Deviation]:
 def match(deviations: list[Deviation], test_id: str) -> Deviation | None:
     """The first deviation whose id is a prefix of ``test_id``."""
     return next((d for d in deviations if test_id.startswith(d.id)), None)
+
+
+# The libraries each shipped driver is built on, beyond its own name: a failure of another candidate on the same
+# stack that matches one of their known deviations gets a hint naming it (conformance.report)
+STACKS = {"peft": ("peft", "transformers"), "adapters_hub": ("adapters", "transformers")}
+SHIPPED_DEVIATIONS = Path(__file__).resolve().parent / "deviations"
+
+
+def libraries_of(versions: dict[str, str]) -> set[str]:
+    """The library names in a driver's ``versions()``: each value's first word ("peft 0.21.2" -> "peft") and
+    every key naming a library ("transformers": "5.1")."""
+    names = {str(v).split()[0].lower() for v in versions.values() if str(v).split()}
+    names |= {str(k).lower() for k in versions if k not in ("candidate", "framework")}
+    return names
+
+
+def stack_hints(
+    test_ids: list[str], candidate: str, versions: dict[str, str], own_path: str | Path | None
+) -> dict[str, dict]:
+    """For each failing test id, a known deviation of a shipped driver built on a library this candidate shares
+    (from ``versions()``) whose id is a prefix of it: ``{"driver", "id", "reason", "shared"}``. The candidate's
+    own deviations file is skipped (its matches are known deviations already)."""
+    if not test_ids:
+        return {}
+    libraries = libraries_of(versions)
+    own = Path(own_path).resolve() if own_path else None
+    hints: dict[str, dict] = {}
+    files = []
+    for file in sorted(SHIPPED_DEVIATIONS.glob("*.json")):
+        shared = sorted(libraries & set(STACKS.get(file.stem, (file.stem,))))
+        if shared and file.resolve() != own and file.stem != candidate:
+            files.append((file, shared))
+    for file, shared in sorted(files, key=lambda f: -len(f[1])):  # the driver sharing the most libraries first
+        driver = file.stem
+        try:
+            deviations = load_deviations(file)
+        except DeviationsError:
+            continue
+        for test_id in test_ids:
+            deviation = match(deviations, test_id)
+            if deviation is not None and test_id not in hints:
+                hints[test_id] = {"driver": driver, "id": deviation.id, "reason": deviation.reason, "shared": shared}
+    return hints

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from dataclasses import fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from conformance.cases import build_case
@@ -96,15 +98,36 @@ def capabilities_from_json(data: dict[str, Any]) -> Capabilities:
 def driver_info(driver, candidate: str) -> dict[str, Any]:
     """What the suite needs to know about a loaded driver, as JSON."""
     deviations = getattr(driver, "deviations", None)
-    if deviations is None and ":" not in candidate:
-        default = Path(__file__).parent / "deviations" / f"{shipped_name(candidate)}.json"
+    # a shipped driver's own file, also when a package.module:object candidate re-exports it
+    home = driver.__name__ if isinstance(driver, ModuleType) else type(driver).__module__
+    prefix = f"{SHIPPED_DRIVER_PACKAGE}."
+    if ":" not in candidate:
+        shipped = shipped_name(candidate)
+    else:
+        shipped = home.removeprefix(prefix) if home.startswith(prefix) else None
+    if deviations is None and shipped:
+        default = Path(__file__).parent / "deviations" / f"{shipped}.json"
         deviations = default if default.is_file() else None
     return {
         "name": str(driver.name),
         "capabilities": capabilities_to_json(driver.capabilities),
         "versions": {str(k): str(v) for k, v in dict(driver.versions()).items()},
         "deviations": None if deviations is None else str(deviations),
+        "import_root": import_root(candidate),
     }
+
+
+def import_root(candidate: str) -> str | None:
+    """The folder a ``package.module:object`` driver was imported from (what PYTHONPATH needs for a replay), or
+    None (a shipped driver, a module without a file)."""
+    if ":" not in candidate:
+        return None
+    module_name = candidate.partition(":")[0]
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if not file:
+        return None
+    depth = module_name.count(".") + (Path(file).name == "__init__.py")
+    return str(Path(file).resolve().parents[depth])
 
 
 METHODS = ("layer_forward_backward", "layer_merge", "model_forward_backward", "save_adapter",

@@ -15,16 +15,29 @@ from pathlib import Path
 
 import pytest
 
+from conformance.options import positive_float, positive_int
+
 # Only pytest is imported here: this plugin is loaded by every pytest run where reflora is installed, also
 # without the "conform" extra (hypothesis, rich); the suite's modules are imported once a candidate is given.
 SUITE = pytest.StashKey["Suite"]()
 TEST_ID = pytest.StashKey[str]()
 
 
+GOLDEN_DIR_VARIABLE = "REFLORA_GOLDEN_DIR"
+
+
 def default_golden_dir() -> str | None:
-    """``golden/`` of a source checkout (next to the ``conformance`` package), if there is one."""
-    folder = Path(__file__).resolve().parent.parent / "golden"
-    return str(folder) if (folder / "manifest.json").is_file() else None
+    """The golden fixtures to replay when --golden-dir is not given, the first that has a manifest.json:
+    ``$REFLORA_GOLDEN_DIR``; ``golden/`` of a source checkout (next to the ``conformance`` package); the copy an
+    installed wheel carries, ``<prefix>/share/reflora/golden`` (pyproject.toml's data-files)."""
+    import sysconfig
+
+    candidates = [os.environ.get(GOLDEN_DIR_VARIABLE), Path(__file__).resolve().parent.parent / "golden",
+                  Path(sysconfig.get_path("data")) / "share" / "reflora" / "golden"]  # fmt: skip
+    for folder in candidates:
+        if folder and (Path(folder) / "manifest.json").is_file():
+            return str(folder)
+    return None
 
 
 def pytest_addoption(parser) -> None:
@@ -45,7 +58,7 @@ def pytest_addoption(parser) -> None:
     group.addoption(
         "--max-examples",
         dest="conformance_max_examples",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="examples per feature, overriding the profile",
@@ -55,15 +68,18 @@ def pytest_addoption(parser) -> None:
         dest="conformance_isolation",
         choices=["subprocess", "none"],
         default="subprocess",
-        help="run the candidate in a worker process (default; survives crashes and hangs) or in-process",
+        help="run the candidate in a worker process (default; survives crashes and hangs) or in-process (the "
+        "timeout then interrupts Python code only; a crash or os._exit ends the run, and the --report-json "
+        "file holds the tests run so far)",
     )
     group.addoption(
         "--candidate-timeout",
         dest="conformance_timeout",
-        type=float,
+        type=positive_float,
         default=120.0,
         metavar="S",
-        help="seconds one driver call may take before the candidate counts as hung (default 120)",
+        help="seconds (> 0) one driver call, versions() and capabilities included, may take before the candidate "
+        "counts as hung (default 120)",
     )
     group.addoption(
         "--deviations",
@@ -79,11 +95,16 @@ def pytest_addoption(parser) -> None:
         metavar="PATH",
         help="write the machine-readable report (schema in docs/conformance.md)",
     )
+    group.addoption("--conformance-progress", dest="conformance_progress", action="store_true", default=False,
+                    help="one line per feature as it finishes (result, examples, time) instead of pytest's dots; "
+                    "reflora conform sets it")  # fmt: skip
     group.addoption("--golden-dir", dest="conformance_golden_dir", default=default_golden_dir(), metavar="DIR",
-                    help="golden fixtures to replay (default: golden/ of a source checkout)")  # fmt: skip
+                    help="golden fixtures to replay (default: $REFLORA_GOLDEN_DIR, golden/ of a source checkout, or the "
+                    "copy an installed wheel carries in <prefix>/share/reflora/golden)")  # fmt: skip
 
 
 def pytest_configure(config) -> None:
+    _CONFIG["config"] = config
     config.addinivalue_line("markers", "conformance: a test of the reflora conformance suite (needs --candidate)")
     candidate = config.getoption("conformance_candidate")
     if candidate and os.environ.get("REFLORA_CONFORM_SCRATCH"):  # run by `reflora conform`: no ./.hypothesis
@@ -111,14 +132,92 @@ def pytest_sessionstart(session) -> None:
         return
     from conformance.deviations import DeviationsError
     from conformance.protocol import CandidateError, DriverLoadError
+    from reflora.golden import GoldenError
 
     try:
         suite.start()
     except (DriverLoadError, DeviationsError, CandidateError) as exc:
         raise pytest.UsageError(f"reflora conformance: {exc}") from None
+    except GoldenError as exc:
+        raise pytest.UsageError(f"reflora conformance: --golden-dir: {exc}") from None
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if session.config.getoption("conformance_progress") and terminal is not None:
+        terminal.showfspath = False  # the per-feature lines replace the file names and dots
+    try:
+        _write_partial_report(session.config, None)
+    except OSError as exc:
+        path = session.config.getoption("conformance_report_json")
+        raise pytest.UsageError(f"reflora conformance: --report-json {path}: cannot write it ({exc})") from None
+
+
+def _write_partial_report(config, running: str | None) -> None:
+    """The --report-json file as it stands (``"complete": false``; ``"running"``: the test in progress): written
+    before and after every test, so that a run that dies (isolation none: a driver calling os._exit, a
+    segfault; a killed process) leaves the tests run so far on disk. The last write, at the end, is complete."""
+    suite = config.stash.get(SUITE, None)
+    path = config.getoption("conformance_report_json")
+    if suite is None or not path or not hasattr(suite, "info"):
+        return
+    from conformance.report import build_report, write_json
+
+    write_json(build_report(suite, complete=False, running=running), path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    test_id = item.stash.get(TEST_ID, None)
+    if test_id is not None:
+        _write_partial_report(item.config, test_id)
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    if item.stash.get(TEST_ID, None) is not None:
+        _write_partial_report(item.config, None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report, config):
+    """With --conformance-progress a conformance test prints its own line (``pytest_runtest_logfinish``), so
+    pytest's letter is left out; the category (for the summary counts) stays pytest's."""
+    suite = config.stash.get(SUITE, None)
+    if not config.getoption("conformance_progress") or suite is None:
+        return None
+    if report.nodeid not in suite.records_by_nodeid():
+        return None
+    if hasattr(report, "wasxfail"):
+        return ("xfailed" if report.skipped else "xpassed"), "", ""
+    if report.when == "call" or not report.passed:
+        return ("error" if report.when != "call" and report.failed else report.outcome), "", ""
+    return "", "", ""
+
+
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    config = _CONFIG.get("config")
+    if config is None or not config.getoption("conformance_progress"):
+        return
+    suite = config.stash.get(SUITE, None)
+    record = None if suite is None else suite.records_by_nodeid().get(nodeid)
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if record is None or terminal is None:
+        return
+    from conformance.report import examples_text, ratio_text
+
+    done = sum(r.outcome != "not run" for r in suite.records.values())
+    label = {"passed": "pass", "failed": "FAIL", "known_deviation": "known deviation", "not_supported": "not supported",
+             "error": "ERROR"}.get(record.outcome, record.outcome)  # fmt: skip
+    worst = f", worst {ratio_text(record.worst.ratio)}× bound" if record.worst is not None else ""
+    examples = examples_text({"examples": record.examples, "after_failure": record.after_failure})
+    line = f"[{done:>3}/{len(suite.records)}] {record.test_id:<40} {label}"
+    if record.outcome not in ("not_supported", "skipped"):
+        line += f" ({examples} examples{worst}, {record.duration:.1f} s)"
+    terminal.write_line(line)
+
+
+_CONFIG: dict = {}  # the session's config, for the hooks pytest calls without it
 
 
 def pytest_unconfigure(config) -> None:
+    _CONFIG.pop("config", None)
     suite = config.stash.get(SUITE, None)
     if suite is not None:
         suite.close()
@@ -267,6 +366,15 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     report = build_report(suite)
     path = session.config.getoption("conformance_report_json")
     if path:
-        write_json(report, path)
-    if exitstatus == 0 and report["summary"]["checked"] == 0:
+        try:
+            write_json(report, path)
+        except OSError as exc:
+            import sys
+
+            print(f"reflora conformance: --report-json {path}: cannot write it ({exc})", file=sys.stderr)
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+            return
+    if exitstatus == 0 and report["summary"]["fixtures_corrupted"]:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # not the candidate's fault, but nothing to pass on
+    elif exitstatus == 0 and report["summary"]["checked"] == 0:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED  # nothing was checked: never a silent pass

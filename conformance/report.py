@@ -15,6 +15,9 @@ from typing import Any
 
 from conformance.features import FEATURES
 
+FIXTURE_CORRUPTED = "fixture corrupted: "  # conformance.suite.fixture_problem's reasons start so
+LEVEL_ORDER = {"layer": 0, "model": 1, "golden": 2, "advanced": 3}  # the table: core features first
+
 FORMAT = "reflora-conformance/1"
 RESULTS = ("pass", "fail", "known_deviation", "not_supported", "skipped")
 _FEATURE_RESULT = {"passed": "pass", "failed": "fail", "error": "fail", "known_deviation": "known_deviation",
@@ -38,19 +41,27 @@ def _feature_result(outcomes: list[str]) -> str:
     return "skipped"
 
 
-def build_report(suite) -> dict[str, Any]:
+def build_report(suite, complete: bool = True, running: str | None = None) -> dict[str, Any]:
+    """The JSON report of ``suite``. ``complete``: False for the copies written while the run goes on (see
+    conformance/plugin.py), with ``running`` the test id in progress then (null between tests)."""
     import numpy
 
+    from conformance.deviations import stack_hints
     from reflora import __version__
 
+    info = getattr(suite, "info", {"name": suite.candidate, "versions": {}, "capabilities": {}})
+    failed = [r.test_id for r in suite.records.values() if r.outcome in ("failed", "error")]
+    hints = stack_hints(failed, suite.candidate, info.get("versions", {}), getattr(suite, "deviations_path", None))
     tests = []
     for record in suite.records.values():
         tests.append({
             "id": record.test_id, "nodeid": record.nodeid, "feature": record.feature, "outcome": record.outcome,
-            "examples": record.examples, "discarded": record.discarded, "duration_s": round(record.duration, 3),
+            "examples": record.examples, "after_failure": record.after_failure, "discarded": record.discarded,
+            "duration_s": round(record.duration, 3),
             "worst": _worst(record),
             "reason": record.reason, "message": record.failure if record.outcome in ("failed", "known_deviation", "error") else None,
             "deviation": record.deviation.to_json() if record.deviation is not None else None,
+            "hint": hints.get(record.test_id) if record.outcome in ("failed", "error") else None,
         })  # fmt: skip
     features = []
     for feature_id in dict.fromkeys(t["feature"] for t in tests):
@@ -61,7 +72,8 @@ def build_report(suite) -> dict[str, Any]:
         reasons = sorted({r.reason for r in mine if r.reason and r.outcome != "passed"})
         features.append({
             "id": feature_id, "level": feature.level, "title": feature.title, "result": result, "tests": len(mine),
-            "examples": sum(r.examples for r in mine), "worst": _worst(worst) if worst is not None else None,
+            "examples": sum(r.examples for r in mine), "after_failure": sum(r.after_failure for r in mine),
+            "worst": _worst(worst) if worst is not None else None,
             "reason": "; ".join(reasons) if reasons else None,
         })  # fmt: skip
     counts = {result: sum(f["result"] == result for f in features) for result in RESULTS}
@@ -74,10 +86,11 @@ def build_report(suite) -> dict[str, Any]:
         if d.id not in unmatched and all(t["outcome"] == "passed" for t in tests if t["id"].startswith(d.id))
         and any(t["outcome"] == "passed" for t in tests if t["id"].startswith(d.id))
     ]  # fmt: skip
-    info = getattr(suite, "info", {"name": suite.candidate, "versions": {}, "capabilities": {}})
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": complete,
+        "running": running,
         "candidate": {"name": info["name"], "spec": suite.candidate, "versions": info["versions"]},
         "reflora": {
             "version": __version__,
@@ -96,6 +109,7 @@ def build_report(suite) -> dict[str, Any]:
             "checked": sum(t["outcome"] in ("passed", "failed", "known_deviation") for t in tests),
             "examples": sum(t["examples"] for t in tests),
             "unknown_failures": sum(t["outcome"] in ("failed", "error") for t in tests),
+            "fixtures_corrupted": [t["id"] for t in tests if (t["reason"] or "").startswith(FIXTURE_CORRUPTED)],
             "runtime_s": round(time.time() - suite.started, 1),
         },
         "features": features,
@@ -128,38 +142,77 @@ _LABEL = {"pass": "pass", "fail": "FAIL", "known_deviation": "known deviation", 
           "skipped": "skipped"}  # fmt: skip
 
 
+def ratio_text(ratio: float) -> str:
+    """An error/bound ratio for the table: ``0.06``, ``3.5``, ``42``, then scientific (``7.5e+13``)."""
+    if ratio != ratio:  # NaN
+        return "nan"
+    if ratio < 10:
+        return f"{ratio:.2f}"
+    if ratio < 1000:
+        return f"{ratio:.0f}"
+    return f"{ratio:.1e}"
+
+
+def examples_text(feature: dict[str, Any]) -> str:
+    """The examples drawn, without the runs after the first failure (shrink attempts, hypothesis's replay)."""
+    after = feature.get("after_failure") or 0
+    drawn = feature["examples"] - after
+    return f"{drawn} (+{after} reruns)" if after else str(drawn)
+
+
+def score_line(report: dict[str, Any]) -> str:
+    """The headline: the score over what the candidate declares; the coverage over every feature, labelled."""
+    s = report["summary"]
+    supported = s["features_pass"] + s["features_fail"] + s["features_known_deviation"]
+    scored = s["features"] - s["features_skipped"]
+    return (
+        f"conformance score: {100 * s['supported_score']:.0f}% of what {report['candidate']['name']} declares "
+        f"({s['features_pass']} of {supported} supported features pass; {s['features_fail']} fail, "
+        f"{s['features_known_deviation']} known deviations). "
+        f"Coverage: {100 * s['score']:.0f}% of all {scored} features pass ({s['features_not_supported']} not "
+        f"supported, {s['features_skipped']} skipped). {s['examples']} examples, {s['runtime_s']} s."
+    )
+
+
 def render_text(report: dict[str, Any], width: int = 120) -> str:
-    """The table (features as rows) and the score, rendered by rich to text with ANSI colours off."""
+    """The table (features as rows: layer, model, golden, then advanced) and the score, rendered by rich to text
+    with ANSI colours off."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{report['candidate']['name']} vs reflora {report['reflora']['version']}", expand=False)
     for column, justify in (("feature", "left"), ("result", "left"), ("examples", "right"), ("worst error", "left")):
         table.add_column(column, justify=justify, overflow="fold")
-    for f in report["features"]:
+    rows = sorted(report["features"], key=lambda f: LEVEL_ORDER.get(f["level"], len(LEVEL_ORDER)))
+    for f in rows:
         worst = f["worst"]
         if worst is not None:
             tensor = worst["tensor"].split("/")[-1].removeprefix("base_model.model.").removeprefix("transformer.")
-            text = f"{worst['error']:.1e} = {worst['ratio']:.2f}× bound ({worst['dtype']}, {tensor})"
+            text = f"{worst['error']:.1e} = {ratio_text(worst['ratio'])}× bound ({worst['dtype']}, {tensor})"
         else:
             text = ""
         if f["result"] in ("not_supported", "skipped", "known_deviation") and f["reason"]:
             text = (text + "  " if text else "") + f["reason"][:160]
         label = f"[{_STYLE[f['result']]}]{_LABEL[f['result']]}[/]"
-        table.add_row(f["id"], label, str(f["examples"]), text)
-    s = report["summary"]
+        table.add_row(f["id"], label, examples_text(f), escape(text))
     buffer = io.StringIO()
     console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None, emoji=False)
     console.print(table)
-    console.print(
-        f"conformance score: {100 * s['score']:.0f}% ({s['features_pass']} of {s['features'] - s['features_skipped']} "
-        f"features pass; {s['features_fail']} fail, {s['features_known_deviation']} known deviations, "
-        f"{s['features_not_supported']} not supported, {s['features_skipped']} skipped). "
-        f"Of the supported features: {100 * s['supported_score']:.0f}%. {s['examples']} examples, {s['runtime_s']} s."
-    )
+    console.print(escape(score_line(report)))
+    for test in report["tests"]:
+        hint = test.get("hint")
+        if hint:
+            console.print(escape(
+                f"hint: {test['id']} fails like the known deviation {hint['id']!r} of the {hint['driver']} driver, "
+                f"which shares {', '.join(hint['shared'])} with this candidate: {hint['reason'][:240]}"
+            ))  # fmt: skip
+    for test_id in report["summary"].get("fixtures_corrupted", []):
+        console.print(escape(f"{test_id}: the golden fixture is corrupted (sha256 differs from its manifest): not "
+                             "replayed, and the run fails; the candidate is not blamed"))  # fmt: skip
     deviations = report["deviations"]
     for deviation_id in deviations["unmatched"]:
-        console.print(f"[yellow]known deviation {deviation_id!r} matches no test: remove or fix it[/]")
+        console.print(f"[yellow]known deviation {escape(repr(deviation_id))} matches no test: remove or fix it[/]")
     for deviation_id in deviations["not_reproduced"]:
-        console.print(f"[yellow]known deviation {deviation_id!r} did not reproduce: its tests passed[/]")
+        console.print(f"[yellow]known deviation {escape(repr(deviation_id))} did not reproduce: its tests passed[/]")
     return buffer.getvalue()

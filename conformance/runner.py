@@ -35,7 +35,7 @@ __all__ = [
 
 def make_runner(candidate: str, isolation: str = "subprocess", timeout: float = 60.0):
     if isolation == "none":
-        return InProcessRunner(candidate)
+        return InProcessRunner(candidate, timeout)
     if isolation == "subprocess":
         return SubprocessRunner(candidate, timeout)
     raise ValueError(f"isolation must be 'subprocess' or 'none', got {isolation!r}")

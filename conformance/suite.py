@@ -7,7 +7,6 @@ call ``suite.run_feature``. Each test records its examples, its worst comparison
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ class TestRecord:
     test_id: str
     feature: str
     nodeid: str = ""
-    examples: int = 0
+    examples: int = 0  # every run of the check, after_failure included (the JSON report's "examples")
+    after_failure: int = 0  # runs after the first failure: hypothesis's shrink attempts and its final replay
     discarded: int = 0  # ill-conditioned float32 draws, rejected before the candidate ran
     refused: int = 0  # draws the driver refused at run time (NotSupported), redrawn
     refusal: str | None = None  # the first refusal's message
@@ -59,13 +59,15 @@ class TestRecord:
     deviation: Deviation | None = None
     duration: float = 0.0
 
-    def add(self, result: CheckResult, candidate: str) -> None:
+    def add(self, result: CheckResult, candidate: str, prefix: str = "") -> None:
+        if self.failure is not None:  # hypothesis's shrink attempts and final replay, after the first failure
+            self.after_failure += 1
         self.examples += 1
         worst = result.worst()
         if worst is not None and (self.worst is None or worst.ratio > self.worst.ratio):
             self.worst, self.worst_dtype = worst, result.spec.get("dtype")
         if not result.passed and self.failure is None:
-            self.failure = result.report(candidate)
+            self.failure = result.report(candidate, prefix)
 
 
 @dataclass
@@ -78,15 +80,24 @@ class Suite:
     deviations_path: str | None = None
     golden_dir: str | None = None
     records: dict[str, TestRecord] = field(default_factory=dict)
+    fixture_sha256: dict[str, str] = field(default_factory=dict)  # fixture path -> the manifest's sha256
     started: float = field(default_factory=time.time)
 
     def start(self) -> None:
         """Load the driver (in the worker, by default) and the deviations; raises DriverLoadError/DeviationsError."""
+        # the manifest is read (and checked: reflora.golden.read_manifest) first; GoldenError if malformed
+        self.fixture_sha256 = {str(path): sha for _, path, sha in golden_manifest(self.golden_dir)}
         self.runner = make_runner(self.candidate, self.isolation, self.timeout)
         self.info = self.runner.info
         self.capabilities = capabilities_from_json(self.info["capabilities"])
         self.deviations_path = self.deviations_path or self.info.get("deviations")
         self.deviations = load_deviations(self.deviations_path)
+
+    @property
+    def replay_prefix(self) -> str:
+        """What a replay command needs before ``reflora conform`` (``replay_prefix``), from the loaded driver."""
+        info = getattr(self, "info", None) or {}
+        return replay_prefix(self.candidate, info.get("import_root"))
 
     def close(self) -> None:
         runner = getattr(self, "runner", None)
@@ -116,6 +127,9 @@ class Suite:
             self.records[test_id] = TestRecord(test_id, feature, nodeid)
         return self.records[test_id]
 
+    def records_by_nodeid(self) -> dict[str, TestRecord]:
+        return {r.nodeid: r for r in self.records.values()}
+
     def deviation_for(self, test_id: str) -> Deviation | None:
         return match(self.deviations, test_id)
 
@@ -144,11 +158,11 @@ class Suite:
             record.discarded += 1
             reject()  # an ill-conditioned float32 draw (see conformance.tolerance): draw another
             return
-        record.add(result, self.candidate)
+        record.add(result, self.candidate, self.replay_prefix)
         if result.broke:
-            raise CandidateBroke(result.report(self.candidate))
+            raise CandidateBroke(result.report(self.candidate, self.replay_prefix))
         if not result.passed:
-            raise ConformanceFailure(result.report(self.candidate))
+            raise ConformanceFailure(result.report(self.candidate, self.replay_prefix))
 
     def run_feature(self, feature: Feature, record: TestRecord) -> None:
         """Check the capabilities, then run the feature's property test with the profile's settings."""
@@ -179,9 +193,27 @@ class Suite:
     def run_golden(self, fixture: Path, record: TestRecord) -> None:
         from reflora.golden import read_fixture
 
+        problem = fixture_problem(fixture, self.fixture_sha256.get(str(fixture)))
+        if problem is not None:
+            pytest.skip(problem)
         golden_spec, _ = read_fixture(fixture)
         self.require(golden_needs(golden_spec))
         self.check({"feature": "golden.replay", "fixture": str(fixture), "dtype": golden_spec["dtype"]}, record)
+
+
+def replay_prefix(candidate: str, import_root: str | None) -> str:
+    """``cd <folder> && PYTHONPATH=<root> `` for a driver of the user's own (``package.module:object``): the
+    replay line a failure prints must find the same module (``import_root``: the folder it was imported from)
+    and the same relative paths. Empty for shipped drivers and for modules installed in site-packages."""
+    if ":" not in candidate:
+        return ""
+    import os
+    import shlex
+
+    prefix = f"cd {shlex.quote(os.getcwd())} && "
+    if import_root and Path(import_root).name not in ("site-packages", "dist-packages"):
+        prefix += f"PYTHONPATH={shlex.quote(import_root)} "
+    return prefix
 
 
 def run_advanced_feature(suite: Suite, feature: Feature, record: TestRecord) -> None:
@@ -235,14 +267,36 @@ def golden_needs(spec: dict[str, Any]) -> list[str]:
 
 
 def golden_fixtures(golden_dir: str | Path | None) -> list[tuple[str, Path]]:
-    """(name, file) of every fixture in ``golden_dir/manifest.json``, in manifest order; [] without a manifest."""
-    if golden_dir is None:
+    """(name, file) of every fixture in ``golden_dir/manifest.json``, in manifest order; [] without a manifest.
+    A malformed manifest (``reflora.golden.read_manifest``: unknown fields, a file leaving the folder) raises
+    ``GoldenError``."""
+    return [(name, path) for name, path, _ in golden_manifest(golden_dir)]
+
+
+def golden_manifest(golden_dir: str | Path | None) -> list[tuple[str, Path, str]]:
+    """(name, file, sha256 the manifest records) of every fixture of ``golden_dir``; [] without a manifest."""
+    if golden_dir is None or not (Path(golden_dir) / "manifest.json").is_file():
         return []
-    manifest = Path(golden_dir) / "manifest.json"
-    if not manifest.is_file():
-        return []
-    cases = json.loads(manifest.read_text()).get("cases", {})
-    return [(name, Path(golden_dir) / entry["file"]) for name, entry in cases.items()]
+    from reflora.golden import read_manifest
+
+    cases = read_manifest(golden_dir)["cases"]
+    return [(name, Path(golden_dir) / entry["file"], entry["sha256"]) for name, entry in cases.items()]
+
+
+FIXTURE_CORRUPTED = "fixture corrupted: "
+
+
+def fixture_problem(path: Path, sha256: str | None) -> str | None:
+    """Why a golden fixture cannot be trusted (missing, or not the bytes its manifest's sha256 names), or None.
+    Checked before each replay: a damaged fixture is the corpus's fault, not the candidate's."""
+    from reflora.golden import sha256_file
+
+    if not path.is_file():
+        return f"{FIXTURE_CORRUPTED}{path} is missing (listed in the manifest)"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return (f"{FIXTURE_CORRUPTED}{path}: its sha256 differs from the manifest's, so it was not replayed "
+                "(the candidate is not blamed; re-fetch the corpus, `reflora golden verify --dir DIR` says more)")  # fmt: skip
+    return None
 
 
 def feature_of(test_id: str) -> Feature:

@@ -19,5 +19,8 @@ def pytest_generate_tests(metafunc):
 def test_golden(conformance_suite, conformance_record, golden_fixture):
     if golden_fixture is None:
         folder = conformance_suite.golden_dir or "golden/"
-        pytest.skip(f"no golden fixtures: {folder}/manifest.json is absent (pass --golden-dir DIR)")
+        pytest.skip(
+            f"no golden fixtures: {folder}/manifest.json is absent (pass --golden-dir DIR or set "
+            "$REFLORA_GOLDEN_DIR to a folder holding golden/'s manifest.json and fixtures/)"
+        )
     conformance_suite.run_golden(golden_fixture[1], conformance_record)

@@ -8,7 +8,9 @@ within ``timeout`` seconds fails that check with a clear message, and the worker
 so the rest of the run goes on. The worker's stdout and stderr go to a log file whose tail is shown on a crash.
 
 Isolation "none" calls the driver in this process: faster to start, for reference-based drivers and
-debugging (a crash or hang then takes the run down with it).
+debugging. Its limits: the timeout is an alarm signal (``call_with_alarm``) that interrupts Python code, not a
+call stuck in C code; a crash (a segfault, ``os._exit``) ends the whole run. The plugin writes the
+``--report-json`` file before and after every test, so the tests run until then are on disk.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -31,21 +35,72 @@ STARTUP_TIMEOUT = 300.0  # importing torch + a library can take a while on a col
 WORKER_MODULE = "conformance.worker"
 
 
+class CallTimedOut(BaseException):
+    """Raised by the alarm in a driver call that ran past the timeout (isolation "none"). A BaseException, so
+    that a driver's own ``except Exception`` does not swallow it."""
+
+
+def call_with_alarm(timeout: float | None, function, *args):
+    """``function(*args)``, interrupted with ``CallTimedOut`` after ``timeout`` seconds (SIGALRM).
+
+    The limit of the in-process mode: the alarm is handled between Python bytecodes, so a call stuck inside C
+    code (a deadlock, a long BLAS call) is interrupted only once it returns to Python. Without SIGALRM (Windows)
+    or off the main thread, the call runs without a limit. An alarm set by someone else (pytest-timeout) is
+    re-armed afterwards with its remaining time."""
+    if not timeout or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return function(*args)
+    running = True
+
+    def on_alarm(signum, frame):
+        if running:
+            raise CallTimedOut
+
+    start = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        result = function(*args)
+        running = False
+        return result
+    finally:
+        running = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay > 0:
+            remaining = max(previous_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
+
+
 class InProcessRunner:
-    """Calls the driver in this process (isolation "none")."""
+    """Calls the driver in this process (isolation "none"). Every driver call, versions() and capabilities
+    included, is under ``timeout`` (``call_with_alarm``: Python code only); a crash ends the process."""
 
     isolation = "none"
 
     def __init__(self, candidate: str, timeout: float = 0.0):
-        self.candidate = candidate
+        self.candidate, self.timeout = candidate, timeout
         self.driver = load_driver(candidate)
-        self.info = driver_info(self.driver, candidate)
+        try:
+            self.info = call_with_alarm(timeout, driver_info, self.driver, candidate)
+        except CallTimedOut:
+            raise CandidateError(
+                "hung", f"no answer within {timeout:g} s while calling the driver's versions() and capabilities"
+            ) from None
+        except Exception as exc:
+            raise DriverLoadError(f"versions() or capabilities failed: {type(exc).__name__}: {exc}") from None
 
     def call(self, method: str, spec: dict[str, Any], folder: str | None = None) -> Any:
         try:
-            result = call_driver(self.driver, method, spec, folder)
+            result = call_with_alarm(self.timeout, call_driver, self.driver, method, spec, folder)
         except NotSupported:
             raise
+        except CallTimedOut:
+            raise CandidateError(
+                "hung",
+                f"no answer within {self.timeout:g} s while running {method}; the call was interrupted "
+                "(isolation none)",
+                traceback.format_exc(),
+            ) from None
         except Exception as exc:
             raise CandidateError("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
         return decode_results(*encode_results(result))
@@ -78,8 +133,11 @@ class SubprocessRunner:
         os.close(from_child_w)
         self.to_child, self.from_child = to_child_w, from_child_r
         write_frame(self.to_child, json.dumps({"candidate": self.candidate, "sys_path": sys.path}).encode())
-        reply = self._receive(STARTUP_TIMEOUT, "loading the driver")
-        meta, _ = deserialize(reply)
+        # importing a library (torch...) may take minutes on a cold machine: STARTUP_TIMEOUT; the driver's own
+        # calls, versions() and capabilities included, have the call timeout
+        meta, _ = deserialize(self._receive(STARTUP_TIMEOUT, "importing and constructing the driver"))
+        if meta.get("status") == "loaded":
+            meta, _ = deserialize(self._receive(self.timeout, "calling the driver's versions() and capabilities"))
         if meta.get("status") != "ok":
             self._stop()
             raise DriverLoadError(meta.get("message", "the worker could not load the driver"))

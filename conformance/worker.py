@@ -2,7 +2,8 @@
 
     python -m conformance.worker READ_FD WRITE_FD
 
-First frame in: ``{"candidate": ..., "sys_path": [...]}``; reply ``{"status": "ok", "info": ...}`` or an error.
+First frame in: ``{"candidate": ..., "sys_path": [...]}``; replies ``{"status": "loaded"}`` once the driver is
+imported and constructed, then ``{"status": "ok", "info": ...}`` (its versions() and capabilities), or an error.
 Then one request per frame ``{"method", "spec", "folder"}``, one reply each; an empty frame ends the worker.
 """
 
@@ -13,7 +14,7 @@ import sys
 import traceback
 
 from conformance.loader import call_driver, driver_info, load_driver
-from conformance.protocol import CandidateError, NotSupported
+from conformance.protocol import CandidateError, DriverLoadError, NotSupported
 from conformance.wire import encode_results, read_frame, serialize, write_frame
 
 
@@ -23,9 +24,17 @@ def main(argv: list[str]) -> int:
     sys.path[:0] = [p for p in hello.get("sys_path", []) if p not in sys.path]
     try:
         driver = load_driver(hello["candidate"])
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, DriverLoadError) else f"{type(exc).__name__}: {exc}"
+        write_frame(write_fd, serialize({"status": "error", "message": message}, {}))
+        return 1
+    # loaded: the parent now waits for versions() and capabilities under the call timeout, not the startup one
+    write_frame(write_fd, serialize({"status": "loaded"}, {}))
+    try:
         info = driver_info(driver, hello["candidate"])
     except Exception as exc:
-        write_frame(write_fd, serialize({"status": "error", "message": f"{type(exc).__name__}: {exc}"}, {}))
+        message = f"versions() or capabilities failed: {type(exc).__name__}: {exc}"
+        write_frame(write_fd, serialize({"status": "error", "message": message}, {}))
         return 1
     write_frame(write_fd, serialize({"status": "ok", "info": info}, {}))
     while True:

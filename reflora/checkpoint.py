@@ -6,16 +6,23 @@
   Keys drop the adapter name (``base_model.model.<module>.lora_A.weight``); with ``bias`` ``'all'`` or
   ``'lora_only'`` the trained biases are saved too, a targeted module's as ``<module>.base_layer.bias``.
 
-Every write goes to temporary files in the same folder, which are renamed into place only once all of a
-save's files are complete, so an interrupted save never leaves a partial file or a mismatched pair.
+Every write goes to temporary files in the same folder (``.<name>.reflora-tmp-<pid>-<random>``), which are
+renamed into place only once all of a save's files are complete, so an interrupted save never leaves a partial
+file or a mismatched pair; a process killed outright leaves its temporaries, which the next write to that
+folder removes. A target that is not a regular file (a folder, a device, a fifo) is refused, and a write that
+fails is a ``CheckpointWriteError`` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,32 +40,148 @@ class CheckpointError(ValueError):
     """A checkpoint or adapter file is missing, malformed, or disagrees with its config."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A file could not be written (a full disk, a path under a file, a folder or a device in the way, no
+    permission); the message names the path. An ``OSError`` too, for callers that catch those."""
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+TEMP_MARK = ".reflora-tmp-"  # a temporary file is ".<name>.reflora-tmp-<pid>-<random>" next to its target
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid in a temporary file's name (``.<name>.reflora-tmp-<pid>-<random>``), or None for other names."""
+    if not name.startswith(".") or TEMP_MARK not in name:
+        return None
+    pid = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process (or we cannot tell): leave its file alone
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` left by a write whose process is gone (killed before it could
+    clean up, e.g. by SIGKILL); a live process's temporary files are kept. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = temp_owner(entry.name)
+        if pid is not None and not _pid_alive(pid) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+def check_writable_target(path: Path) -> None:
+    """``CheckpointWriteError`` unless ``path`` is a new path or an existing regular file in a folder (or a
+    chain of folders still to create): never a device, a fifo, a socket or a folder, which a rename would
+    replace."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise CheckpointWriteError(f"{str(path)!r}: not a file path")
+    if os.path.lexists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise CheckpointWriteError(f"{path}: a dangling symbolic link; refusing to write through it") from None
+        if stat.S_ISDIR(mode):
+            raise CheckpointWriteError(f"{path}: is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise CheckpointWriteError(f"{path}: not a regular file (a device, fifo or socket); refusing to replace it")
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise CheckpointWriteError(f"{path}: {parent} is not a folder")
+            break
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM back so that Ctrl-C or SIGTERM lands before or after the block, never inside it
+    (inside a group of renames, or between creating a temporary file and recording it). A signal mask would not
+    do: the BLAS's threads can take a process's signal, and Python runs its handler in the main thread at the
+    next bytecode. So the block swaps in handlers that only note the signal, and raises it again after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def atomic_write_files(files: dict[Path, bytes]) -> None:
-    """Write several files as one unit: every file goes to a temporary file in its folder first, and only
-    when all of them are fully written (and fsynced) are they renamed into place. A failure before the
-    renames leaves every old file untouched and no temporary behind."""
+    """Write several files as one unit: every file goes to a temporary file in its folder first
+    (``.<name>.reflora-tmp-<pid>-<random>``), and only when all of them are fully written (and fsynced) are
+    they renamed into place, with SIGINT and SIGTERM held back during the renames. A failure before the
+    renames leaves every old file untouched and no temporary behind; a process killed outright (SIGKILL)
+    leaves its temporaries, and the next write to that folder removes them (``remove_stale_temps``).
+
+    A target that exists and is not a regular file (a folder, a device such as ``/dev/full``, a fifo), or
+    whose folder cannot be created, is refused before anything is written; any write failure is a
+    ``CheckpointWriteError`` naming the path."""
+    targets = {Path(path): data for path, data in files.items()}
+    for path in targets:
+        check_writable_target(path)
     temps: list[tuple[str, Path]] = []
+    current = None
     try:
-        for path, data in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
+        for path, data in targets.items():
+            current = path
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise CheckpointWriteError(f"{path}: cannot create its folder (a file is in the way)") from None
+            remove_stale_temps(path.parent)
+            with _signals_held():  # a signal right after mkstemp would leave a temporary nobody removes
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
+                temps.append((tmp, path))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a saved file gets the usual permissions
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
+        with _signals_held():
+            for tmp, path in temps:
+                current = path
+                os.replace(tmp, path)
+    except CheckpointWriteError:
+        _remove(temps)
         raise
+    except OSError as exc:
+        _remove(temps)
+        raise CheckpointWriteError(f"{current}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        _remove(temps)
+        raise
+
+
+def _remove(temps: list[tuple[str, Path]]) -> None:
+    for tmp, _ in temps:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -112,9 +235,15 @@ def read_json(path: str | Path, error: type[Exception] = CheckpointError, what: 
     """The JSON value in ``path``; a missing file or invalid JSON is ``error`` naming the path (``what`` names
     the kind of file). Only JSON is ever read: nothing is unpickled."""
     try:
-        return json.loads(Path(path).read_text())
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}), so not a JSON {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path}: not valid JSON ({exc})") from None
 
@@ -139,6 +268,8 @@ def load_gpt2(path: str | Path, config: GPT2Config | None = None) -> tuple[dict[
     (an extra ``lm_head.weight`` is accepted only if it equals the tied ``transformer.wte.weight``).
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder (a GPT-2 folder, or its model.safetensors)")
     folder, file = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
     if config is None:
         config = GPT2Config.from_dict(read_json_object(folder / "config.json"))
@@ -151,6 +282,7 @@ def load_gpt2(path: str | Path, config: GPT2Config | None = None) -> tuple[dict[
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        _check_float(file, key, tensors[key])
     if head is not None and not np.array_equal(head, tensors["transformer.wte.weight"]):
         raise CheckpointError(f"{file}: lm_head.weight is not tied to transformer.wte.weight")
     return {k: tensors[k] for k in expected}, config
@@ -217,6 +349,9 @@ def load_adapter(
     the first disagreement (a missing key, an unexpected key, or a shape whose r or size is off).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such adapter folder" if not folder.exists() else f"{folder}: not a folder "
+                              "(an adapter is a folder with adapter_model.safetensors + adapter_config.json)")  # fmt: skip
     try:
         lora = LoraConfig.from_dict(read_json_object(folder / "adapter_config.json"))
     except ConfigError as exc:
@@ -232,6 +367,8 @@ def load_adapter(
     if missing_bias:
         raise CheckpointError(f"{folder}: bias={lora.bias!r} but the file lacks {missing_bias[:3]}")
     biases = {hf_key: tensors[file_key] for file_key, hf_key in bias_file_keys.items()}
+    for file_key in bias_file_keys:
+        _check_float(folder / "adapter_model.safetensors", file_key, tensors[file_key])
     return {k: lora_tensors[k] for k in shapes}, lora, biases
 
 
@@ -245,3 +382,10 @@ def _check_adapter_tensors(tensors: dict[str, np.ndarray], shapes: dict[str, tup
                 f"{where}: {key} has shape {tuple(tensors[key].shape)}, but adapter_config.json implies {shape} "
                 "(check r, rank_pattern and target_modules)"
             )
+        _check_float(where, key, tensors[key])
+
+
+def _check_float(where: str | Path, key: str, value: np.ndarray) -> None:
+    """Weights are floating point: an integer or boolean tensor would be cast silently and merge wrong values."""
+    if np.asarray(value).dtype.kind != "f":
+        raise CheckpointError(f"{where}: {key} has dtype {np.asarray(value).dtype}, expected a floating-point tensor")

@@ -102,16 +102,16 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
     """Resolve a LoRA config against a GPT-2 into the targeted modules, in model order."""
-    matched = [n for n in module_names(config) if _target_matches(lora, n)]
-    if not matched:
-        raise ConfigError(f"lora.target_modules={_show(lora.target_modules)} matches no module of this GPT-2")
-    if isinstance(lora.layers_to_transform, (int, tuple)):
+    if isinstance(lora.layers_to_transform, (int, tuple)):  # before matching: out of range matches nothing
         wanted = (
             {lora.layers_to_transform} if isinstance(lora.layers_to_transform, int) else set(lora.layers_to_transform)
         )
         missing = sorted(i for i in wanted if i >= config.n_layer)
         if missing:
             raise ConfigError(f"lora.layers_to_transform names layers {missing}, but gpt2.n_layer is {config.n_layer}")
+    matched = [n for n in module_names(config) if _target_matches(lora, n)]
+    if not matched:
+        raise ConfigError(f"lora.target_modules={_show(lora.target_modules)} matches no module of this GPT-2")
     plan: dict[str, LoraModule] = {}
     for name in matched:
         parts = name.split(".")

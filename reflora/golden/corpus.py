@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from reflora._version import __version__
-from reflora.checkpoint import atomic_write_bytes
+from reflora.checkpoint import atomic_write_files
 from reflora.config import ConfigError
 from reflora.golden.derive import generate_case
 from reflora.golden.files import GoldenError, serialize_fixture, sha256_file
@@ -30,6 +30,8 @@ MANIFEST = "manifest.json"
 CASES_DIR = "cases"
 FIXTURES_DIR = "fixtures"
 GENERATE_COMMAND = "reflora golden generate"
+MANIFEST_FIELDS = frozenset({"format", "case_count", "total_bytes", "rtol", "cases"})
+ENTRY_FIELDS = ("file", "sha256", "bytes", "spec", "provenance")
 
 
 @dataclass
@@ -66,14 +68,29 @@ def read_manifest(golden_dir: str | Path) -> dict[str, Any]:
     cases = manifest.get("cases")
     if not isinstance(cases, dict) or not cases:
         raise GoldenError(f"{path}: 'cases' must be a non-empty object")
+    unknown = sorted(set(manifest) - MANIFEST_FIELDS)
+    if unknown:  # as strict as the spec: a misspelt or newer field is refused, not ignored
+        raise GoldenError(f"{path}: unknown fields {unknown} (known: {sorted(MANIFEST_FIELDS)})")
     if manifest.get("case_count") != len(cases):
         raise GoldenError(f"{path}: case_count is {manifest.get('case_count')!r}, but {len(cases)} cases are listed")
+    root = Path(golden_dir).resolve()
     for name, entry in cases.items():
         if not isinstance(entry, dict):
             raise GoldenError(f"{path}: case {name!r} must be a JSON object")
-        for key in ("file", "sha256", "bytes", "spec", "provenance"):
+        for key in ENTRY_FIELDS:
             if key not in entry:
                 raise GoldenError(f"{path}: case {name!r} lacks {key!r}")
+        unknown = sorted(set(entry) - set(ENTRY_FIELDS))
+        if unknown:
+            raise GoldenError(f"{path}: case {name!r} has unknown fields {unknown} (known: {list(ENTRY_FIELDS)})")
+        file = entry["file"]
+        inside = isinstance(file, str) and file and not Path(file).is_absolute()
+        if not inside or not (root / file).resolve().is_relative_to(root):
+            raise GoldenError(
+                f"{path}: case {name!r}: file {file!r} must be a relative path inside {root} (it leaves the corpus folder)"
+            )
+        if not isinstance(entry["sha256"], str) or len(entry["sha256"]) != 64:
+            raise GoldenError(f"{path}: case {name!r}: sha256 must be 64 hex digits")
     return manifest
 
 
@@ -103,8 +120,8 @@ def read_case_specs(golden_dir: str | Path) -> dict[str, dict[str, Any]]:
     for file in files:
         try:
             spec = load_spec(file)
-        except ConfigError as exc:
-            raise ConfigError(f"{file}: {exc}") from None
+        except ConfigError as exc:  # name the file once (read_json's messages already start with it)
+            raise ConfigError(str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}") from None
         name = file.stem
         if (spec["dtype"] == "float32") != name.endswith("_float32"):
             raise ConfigError(f"{file}: a case name ends in '_float32' exactly when its spec.dtype is 'float32'")
@@ -177,8 +194,10 @@ def generate_corpus(
     sha256 of the others; ``force`` rewrites every fixture from a fresh regeneration.
 
     Every spec is validated and every case generated in memory before anything is written, so a bad spec
-    writes nothing. Each file is then written atomically, stale fixtures are removed, and the manifest is
-    written last. ``progress`` is called with each case name once it is generated.
+    writes nothing. The fixtures and the manifest are then written as one unit (``atomic_write_files``:
+    temporary files first, renamed only once all are complete), so an interrupted run leaves the old corpus
+    or the new one, never a mix; stale fixtures are removed last. ``progress`` is called with each case name
+    once it is generated.
     """
     golden_dir = Path(golden_dir) if golden_dir is not None else default_golden_dir()
     specs = read_case_specs(golden_dir)
@@ -196,15 +215,16 @@ def generate_corpus(
     if total > CORPUS_LIMIT_BYTES:
         raise GoldenError(f"the corpus would be {total} bytes, over the {CORPUS_LIMIT_BYTES} byte limit: shrink cases")
     provenance = {"generator": f"reflora {__version__}", "numpy": np.__version__, "command": GENERATE_COMMAND}
-    cases = {}
+    cases, files = {}, {}
     for name, data in serialized.items():
         relative = f"{FIXTURES_DIR}/{name}.safetensors"
-        atomic_write_bytes(golden_dir / relative, data)
+        files[golden_dir / relative] = data
         cases[name] = {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                        "spec": stored_spec(specs[name]), "provenance": provenance}  # fmt: skip
+    manifest = {"format": FORMAT, "case_count": len(cases), "total_bytes": total, "rtol": RTOL, "cases": cases}
+    files[golden_dir / MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    atomic_write_files(files)  # every fixture and the manifest as one unit: all replaced, or none
     for stale in (golden_dir / FIXTURES_DIR).glob("*.safetensors"):
         if stale.name.removesuffix(".safetensors") not in cases:
             stale.unlink()
-    manifest = {"format": FORMAT, "case_count": len(cases), "total_bytes": total, "rtol": RTOL, "cases": cases}
-    atomic_write_bytes(golden_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from reflora._version import __version__
-from reflora.checkpoint import atomic_write_bytes, read_json
+from reflora.checkpoint import atomic_write_files, read_json
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.golden.corpus import default_golden_dir
 from reflora.golden.derive import GoldenCase, generate_case, unpack_fixture
@@ -299,8 +299,8 @@ def read_trajectory_specs(folder: str | Path) -> dict[str, dict[str, Any]]:
     for file in files:
         try:
             specs[file.stem] = load_trajectory_spec(file)
-        except ConfigError as exc:
-            raise ConfigError(f"{file}: {exc}") from None
+        except ConfigError as exc:  # name the file once (read_json's messages already start with it)
+            raise ConfigError(str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}") from None
     return specs
 
 
@@ -310,18 +310,19 @@ def generate_trajectory_corpus(folder: str | Path | None = None) -> dict[str, An
     specs = read_trajectory_specs(folder)
     serialized = {name: serialize_fixture(*generate_trajectory_case(spec)) for name, spec in specs.items()}
     provenance = {"generator": f"reflora {__version__}", "numpy": np.__version__, "command": GENERATE_COMMAND}
-    cases = {}
+    cases, files = {}, {}
     for name, data in serialized.items():
         relative = f"fixtures/{name}.safetensors"
-        atomic_write_bytes(folder / relative, data)
+        files[folder / relative] = data
         cases[name] = {"file": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                        "spec": specs[name], "provenance": provenance}  # fmt: skip
+    manifest = {"format": FORMAT, "kind": "trajectory", "case_count": len(cases),
+                "total_bytes": sum(len(d) for d in serialized.values()), "rtol": {"float64": RTOL}, "cases": cases}  # fmt: skip
+    files[folder / "manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
+    atomic_write_files(files)  # the fixtures and the manifest as one unit: all replaced, or none
     for stale in (folder / "fixtures").glob("*.safetensors"):
         if stale.stem not in cases:
             stale.unlink()
-    manifest = {"format": FORMAT, "kind": "trajectory", "case_count": len(cases),
-                "total_bytes": sum(len(d) for d in serialized.values()), "rtol": {"float64": RTOL}, "cases": cases}  # fmt: skip
-    atomic_write_bytes(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 

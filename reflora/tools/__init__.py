@@ -5,6 +5,7 @@ spec (``reflora/*.py``, ``reflora/ops``), the fixtures (``reflora/golden``) and 
 without it.
 
 * ``reflora.tools.cli``: the console script (``reflora``, or ``python -m reflora.tools``); ``SUBCOMMANDS``
+* ``reflora.tools.errors``: how every command fails (one line, exit codes, Ctrl-C/SIGTERM, output-path checks)
 * ``reflora.tools.inspect``: ``reflora inspect``, parameter counts and LoRA tensor shapes from shapes alone
 * ``reflora.tools.golden``: ``reflora golden generate|verify``
 * ``reflora.tools.merge``: ``reflora merge``, merge_and_unload PEFT adapter folders into a GPT-2 folder

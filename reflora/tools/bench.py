@@ -25,6 +25,7 @@ See docs/performance.md for the figures and the command that produced them.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 from reflora.checkpoint import atomic_write_bytes
 from reflora.config import GPT2Config, LoraConfig
 from reflora.targets import plan_lora
+from reflora.tools.errors import output_file
 
 OPENBLAS_TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # The environment both workers run in unless --plain-env (docs/performance.md measures each variable):
@@ -90,11 +92,13 @@ def register(subparsers) -> None:
     )
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for each worker")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    out.add_argument("--json", type=output_file, default=None, help="write every figure to this JSON file")
     out.add_argument("--sweep-seq-len", default=None, help="comma-separated sequence lengths to time as well")
     out.add_argument("--sweep-layers", default=None, help="comma-separated depths to time as well")
     out.add_argument("--sweep-rounds", type=int, default=1, help="rounds of workers for the sweeps (default 1)")
-    out.add_argument("--plot", type=Path, default=None, help="PNG of time against sequence length (needs the sweep)")
+    out.add_argument(
+        "--plot", type=output_file, default=None, help="PNG of time against sequence length (needs the sweep)"
+    )
     parser.set_defaults(func=run_bench)
 
 
@@ -514,6 +518,7 @@ def plot_seq_len(rows: list[dict[str, Any]], impls: list[str], path: Path, repor
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())  # never a partial image, never through a device or a fifo

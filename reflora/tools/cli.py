@@ -10,6 +10,7 @@
 * ``reflora train``: training with the reference (``reflora.tools.train``)
 * ``reflora experiment``: the why-LoRA experiment (``reflora.tools.experiment``)
 * ``reflora trajectory``: the golden trajectories (``reflora.tools.trajectory``, over ``reflora.golden.trajectory``)
+* ``reflora driver new``: a commented conformance driver skeleton (``reflora.tools.driver``)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib
 import sys
 
 from reflora._version import __version__
+from reflora.tools.errors import guarded
 
 # subcommand -> module with ``register(subparsers)``; each module's parser sets ``func``.
 SUBCOMMANDS = {
@@ -31,6 +33,7 @@ SUBCOMMANDS = {
     "train": "reflora.tools.train",
     "experiment": "reflora.tools.experiment",
     "trajectory": "reflora.tools.trajectory",
+    "driver": "reflora.tools.driver",
 }
 
 
@@ -53,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("reflora: interrupted", file=sys.stderr)
+        return 130
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return guarded(f"reflora {args.command}", args.func, args)  # one line, never a traceback (reflora.tools.errors)
 
 
 if __name__ == "__main__":

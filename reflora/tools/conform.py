@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from reflora.tools.errors import output_file
+
 # found, not imported: pytest must import the suite itself (its plugin's assertion rewriting)
 CONFORMANCE_DIR = Path(importlib.util.find_spec("conformance").origin).resolve().parent
 SCRATCH_VARIABLE = "REFLORA_CONFORM_SCRATCH"  # set by the CLI: hypothesis's storage folder for the run
@@ -37,27 +39,32 @@ def register(subparsers) -> None:
     p.add_argument(
         "--profile", choices=["ci", "dev", "thorough"], help="examples and randomness (default: ci if $CI, else dev)"
     )
-    p.add_argument("--max-examples", type=int, metavar="N", help="examples per feature, overriding the profile")
+    p.add_argument("--max-examples", type=positive_int, metavar="N",
+                   help="examples per feature (at least 1), overriding the profile")  # fmt: skip
     p.add_argument(
         "--isolation",
         choices=["subprocess", "none"],
         default="subprocess",
-        help="run the candidate in a worker process (default) or in this process",
+        help="run the candidate in a worker process (default: a crash or a hang fails one test, the run goes on) "
+        "or in this process (faster to start; the timeout interrupts Python code only, not a call stuck in C "
+        "code, and a crash or os._exit ends the run: the --report-json file then holds the tests run so far)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=120.0,
         metavar="S",
-        help="seconds one driver call may take before the candidate counts as hung (default 120)",
+        help="seconds (> 0) one driver call, versions() and capabilities included, may take before the candidate "
+        "counts as hung (default 120; importing and constructing the driver may take up to 300)",
     )
     p.add_argument("--deviations", metavar="PATH", help="known-deviations JSON (default: the driver's own)")
-    p.add_argument("--report-json", metavar="PATH", help="write the machine-readable report here")
-    p.add_argument("--junitxml", metavar="PATH", help="write JUnit XML here (pytest's --junitxml)")
-    p.add_argument("--golden-dir", metavar="DIR", help="golden fixtures to replay (default: golden/ of a checkout)")
+    p.add_argument("--report-json", metavar="PATH", type=output_file, help="write the machine-readable report here")
+    p.add_argument("--junitxml", metavar="PATH", type=output_file, help="write JUnit XML here (pytest's --junitxml)")
+    p.add_argument("--golden-dir", metavar="DIR", help="golden fixtures to replay (default: $REFLORA_GOLDEN_DIR, "
+                   "golden/ of a checkout, or <prefix>/share/reflora/golden of an installed wheel)")  # fmt: skip
     p.add_argument("-k", dest="keyword", metavar="EXPR", help="only tests matching this pytest -k expression")
     p.add_argument("--replay", metavar="JSON", help="run one case, given as the spec JSON a failure printed")
-    p.add_argument("--dump", metavar="PATH", help="with --replay: write the case's inputs, expected and candidate "
+    p.add_argument("--dump", metavar="PATH", type=output_file, help="with --replay: write the case's inputs, expected and candidate "
                    "results to this safetensors file")  # fmt: skip
     p.add_argument(
         "--isolated",
@@ -68,9 +75,34 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 examples would check nothing and pass)."""
+    from conformance.options import positive_int as parse
+
+    return parse(text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (0 would make every candidate "hang")."""
+    from conformance.options import positive_float as parse
+
+    return parse(text)
+
+
 def pytest_arguments(args: argparse.Namespace) -> list[str]:
     """The pytest command line for ``args`` (the plugin's options, plus pass-through ones)."""
-    argv = [str(CONFORMANCE_DIR), "-p", "no:cacheprovider", "-r", "fE", "--candidate", args.candidate]
+    argv = [
+        str(CONFORMANCE_DIR),
+        "-p",
+        "no:cacheprovider",
+        "-r",
+        "fE",
+        "--candidate",
+        args.candidate,
+        "--conformance-progress",
+        "-o",
+        "console_output_style=classic",
+    ]  # a line per feature, no dots
     if not _plugin_registered():
         argv += ["-p", "conformance.plugin"]
     options = {"--profile": args.profile, "--max-examples": args.max_examples, "--isolation": args.isolation,
@@ -137,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="reflora-conform-") as scratch:
         os.environ[SCRATCH_VARIABLE] = scratch
         try:
-            return int(pytest.main(pytest_arguments(args)))
+            code = int(pytest.main(pytest_arguments(args)))
         finally:
             os.environ.pop(SCRATCH_VARIABLE, None)
+    # pytest says 4 for a usage error (an unknown --candidate, a bad deviations file); the CLI's is 2
+    return 2 if code == int(pytest.ExitCode.USAGE_ERROR) else code
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -158,6 +192,10 @@ def replay(args: argparse.Namespace) -> int:
         return 2
     if not isinstance(spec, dict) or spec.get("feature") not in FEATURES:
         print(f"reflora conform: --replay needs a spec with a 'feature' among {sorted(FEATURES)}", file=sys.stderr)
+        return 2
+    problem = replay_spec_problem(spec)
+    if problem is not None:
+        print(f"reflora conform: --replay: {problem}", file=sys.stderr)
         return 2
     try:
         runner = make_runner(args.candidate, args.isolation, args.timeout)
@@ -192,11 +230,35 @@ def replay(args: argparse.Namespace) -> int:
             return 3
     finally:
         runner.close()
-    print(result.report(args.candidate))
+    from conformance.suite import replay_prefix
+
+    print(result.report(args.candidate, replay_prefix(args.candidate, runner.info.get("import_root"))))
     if args.dump:
         dump_case(result, args.dump, args.candidate)
         print(f"wrote {args.dump}")
     return 0 if result.passed else 1
+
+
+def replay_spec_problem(spec: dict) -> str | None:
+    """What is wrong with a --replay spec (a missing key, a bad value), or None: the case is built here, before
+    the candidate runs, so a truncated spec is named as such instead of failing the candidate."""
+    import pytest
+
+    from conformance.cases import build_case
+    from conformance.features import FEATURES
+
+    level = FEATURES[spec["feature"]].level
+    if level == "golden" and "fixture" not in spec:
+        return "the spec lacks the key 'fixture' (paste the whole 'case:' line the failure printed)"
+    try:
+        build_case(spec)
+    except KeyError as exc:
+        return f"the spec lacks the key {exc.args[0]!r} (paste the whole 'case:' line the failure printed)"
+    except pytest.skip.Exception:
+        return None  # a golden fixture outside the driver protocol: replay says so
+    except Exception as exc:  # a wrong type or value: the case cannot be built
+        return f"the spec does not describe a valid {spec['feature']} case ({type(exc).__name__}: {exc})"
+    return None
 
 
 def dump_case(result, path: str, candidate: str) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
+
+import numpy as np
 
 from reflora.golden import (
     DTYPES,
@@ -20,8 +23,10 @@ from reflora.golden import (
     verify_fixture,
     write_case,
 )
+from reflora.golden.spec import fixture_layout
 from reflora.golden.trajectory import verify_trajectory_corpus
 from reflora.targets import ADAPTER_PREFIX
+from reflora.tools.errors import check_disk, check_memory, output_file
 
 
 def register(subparsers) -> None:
@@ -40,7 +45,8 @@ def register(subparsers) -> None:
     )
     gen.add_argument("--dir", type=Path, default=None, help="the corpus folder (default: golden/ of this checkout)")
     gen.add_argument("--spec", type=Path, help="a case spec (JSON) to generate instead of the corpus")
-    gen.add_argument("--out", type=Path, help="where to write the --spec case's fixture (.safetensors)")
+    gen.add_argument("--out", type=output_file,
+                     help="where to write the --spec case's fixture (.safetensors; a new path or a regular file)")  # fmt: skip
     gen.add_argument("--force", action="store_true",
                      help="rewrite every fixture, even those that still verify (default: keep their bytes)")  # fmt: skip
     gen.set_defaults(func=_run_generate)
@@ -70,6 +76,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.spec is not None:
         try:
             spec = load_spec(args.spec)
+            check_resources(spec, args.out)
             with console.status(f"generating {args.spec} (forward, backward)"):
                 tensors, metadata = generate_case(spec)
             with console.status(f"writing {args.out}"):
@@ -92,6 +99,31 @@ def _run_generate(args: argparse.Namespace) -> int:
     console.print(f"wrote {manifest['case_count']} cases, {manifest['total_bytes']:,} bytes, to {golden_dir} "
                   f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
     return 0
+
+
+def fixture_bytes(spec: dict) -> int:
+    """The size of the fixture a (filled) spec gives, from its layout alone (nothing is allocated)."""
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in fixture_layout(spec).values())
+
+
+def generation_bytes(spec: dict) -> int:
+    """A generous estimate of the memory ``generate_case`` + ``write_case`` need: the fixture's tensors three
+    times (the tensors, their bytes, the file's bytes) plus the forward pass's saved activations, the
+    attention scores and the logits' softmax and gradient."""
+    gpt2 = spec["gpt2"]
+    b, t, c, h = spec["batch_size"], spec["seq_len"], gpt2["n_embd"], gpt2["n_head"]
+    inner = gpt2.get("n_inner") or 4 * c
+    item = np.dtype(spec["dtype"]).itemsize
+    per_layer = b * t * (12 * c + 3 * inner) + 4 * b * h * t * t
+    activations = item * (gpt2["n_layer"] * per_layer + 4 * b * t * gpt2["vocab_size"])
+    return 3 * fixture_bytes(spec) + 2 * activations
+
+
+def check_resources(spec: dict, out) -> None:
+    """Refuse a spec too large for this machine's memory, or its fixture too large for the disk, up front."""
+    size = fixture_bytes(spec)
+    check_memory(generation_bytes(spec), f"this spec (a {size:,}-byte fixture)")
+    check_disk(out, size, f"this spec's fixture ({size:,} bytes)")
 
 
 def _progress(console, verb: str, total: int):

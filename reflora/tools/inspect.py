@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=targets, use_rslora=args.use_rslora,
                           bias=args.bias, layers_to_transform=args.layers_to_transform,
                           qkv_slices=args.qkv_slices.split(",") if args.qkv_slices else None)  # fmt: skip
+        if lora.qkv_slices is not None and not any(m.kind == "attn.c_attn" for m in plan_lora(config, lora).values()):
+            raise ConfigError(f"--qkv-slices {args.qkv_slices} slices attn.c_attn, but --target-modules "
+                              f"{' '.join(args.target_modules)} targets no c_attn (add c_attn, or drop --qkv-slices)")  # fmt: skip
         report = inspect_lora(config, lora)
     except ConfigError as exc:
         raise SystemExit(f"reflora inspect: error: {exc}") from None

@@ -22,6 +22,7 @@ committed reports and agrees with the drivers' declared capabilities.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -29,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from reflora.checkpoint import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[2]  # reflora/tools/matrix.py -> the checkout
 CONSOLE_MODULE = "reflora.tools"  # ``python -m reflora.tools`` is the ``reflora`` console script
@@ -181,7 +184,7 @@ def run_all(candidates: list[str], reports_dir: Path, profile: str, max_examples
     if previous is not None:  # a subset run keeps the other candidates' entries
         index["envs"] = {**previous.get("envs", {}), **envs}
         index["candidates"] = {**previous.get("candidates", {}), **entries}
-    (reports_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    atomic_write_bytes(reports_dir / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
     return index
 
 
@@ -360,12 +363,13 @@ def render_image(reports: dict[str, dict], path: Path) -> None:
               frameon=False, title=caption, title_fontsize=9)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())  # never a partial image
 
 
 def write_outputs(reports_dir: Path, docs_dir: Path, image: bool = True) -> Path:
-    from reflora.checkpoint import atomic_write_bytes
 
     reports = load_reports(reports_dir)
     if not reports:

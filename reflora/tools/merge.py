@@ -8,8 +8,10 @@ import sys
 import numpy as np
 
 from reflora.checkpoint import CheckpointError, load_adapter, load_gpt2, save_gpt2
+from reflora.config import ConfigError
 from reflora.lora_init import residual_base
 from reflora.merge import MergeError, merge_and_unload
+from reflora.tools.errors import output_folder
 
 
 def register(subparsers) -> None:
@@ -25,7 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "adapters", nargs="+", help="PEFT adapter folders (adapter_model.safetensors + adapter_config.json)"
     )
-    parser.add_argument("--out", required=True, help="folder to write model.safetensors + config.json to")
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="folder to write model.safetensors + config.json to (a new path or a folder)")  # fmt: skip
     parser.add_argument("--safe", action="store_true", help="refuse a merge that produces NaN or infinite weights")
     parser.set_defaults(func=_run_merge)
 
@@ -46,8 +49,8 @@ def _run_merge(args) -> int:
             adapters[f"adapter{index}"] = (lora, {key: value.astype(dtype) for key, value in tensors.items()})
         merged = merge_and_unload(params, config, adapters=adapters, safe=args.safe)
         save_gpt2(args.out, merged, config)
-    except (CheckpointError, MergeError) as exc:
-        print(f"reflora merge: {exc}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ConfigError, MergeError) as exc:
+        print(f"reflora merge: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, OSError) else 2  # a write that failed, or a bad input
     print(f"merged {len(adapters)} adapter(s) into {args.out}")
     return 0

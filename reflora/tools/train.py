@@ -30,8 +30,10 @@ saved exactly, the continuation is bit-for-bit the run that was never interrupte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +50,7 @@ from reflora.checkpoint import (
     atomic_write_bytes,
     load_adapter,
     load_gpt2,
+    read_json,
     read_safetensors,
     save_adapter,
     save_gpt2,
@@ -70,8 +73,10 @@ from reflora.optim import (
     optimizer_state_tensors,
     optimizer_step,
 )
-from reflora.targets import base_shapes, plan_lora
+from reflora.targets import adapter_shapes, base_shapes, plan_lora
 from reflora.tools.data import (
+    SPLIT_BLOCK,
+    SPLITS,
     VOCAB_SIZE,
     DataError,
     batch_rng,
@@ -83,6 +88,7 @@ from reflora.tools.data import (
     sample_windows,
     split_tokens,
 )
+from reflora.tools.errors import ResourceError, check_memory, output_folder
 
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "float64")
@@ -335,12 +341,13 @@ def save_checkpoint(out: str | Path, state: TrainState, settings: Mapping[str, A
     atomic_save_safetensors(
         target / "optimizer.safetensors", optimizer_state_tensors(state.opt_state), {"format": "pt"}
     )
+    files = {name: _sha256(target / name) for name in _checkpoint_files(state.lora is not None)}
     trainer_state = {
         "format": STATE_FORMAT, "reflora_version": __version__, "step": state.step,
         "optimizer_step": state.opt_state["step"], "settings": dict(settings),
         "lora": None if state.lora is None else state.lora.to_dict(),
         "only": None if state.only is None else list(state.only),
-        "history": state.history, "evals": state.evals,
+        "history": state.history, "evals": state.evals, "files": files,
     }  # fmt: skip
     atomic_write_bytes(target / "trainer_state.json", (json.dumps(trainer_state, indent=1) + "\n").encode())
     atomic_write_bytes(folder / LATEST, f"{target.name}\n".encode())
@@ -350,29 +357,110 @@ def save_checkpoint(out: str | Path, state: TrainState, settings: Mapping[str, A
     return target
 
 
+def _checkpoint_files(lora: bool) -> tuple[str, ...]:
+    """The files of ``checkpoints/step-<s>/`` whose sha256 ``trainer_state.json`` records."""
+    adapter = ("adapter_model.safetensors", "adapter_config.json") if lora else ()
+    return ("model.safetensors", "config.json", *adapter, "optimizer.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_trainer_state(path: Path, data: Any) -> dict[str, Any]:
+    """``trainer_state.json``'s fields, each of the right kind; ``CheckpointError`` naming the first that is not."""
+
+    def bad(field_name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {field_name} {what}")
+
+    if not isinstance(data, dict):
+        raise bad("the file", f"must hold a JSON object, not {type(data).__name__}")
+    if data.get("format") != STATE_FORMAT:
+        raise bad("format", f"is {data.get('format')!r}, not {STATE_FORMAT!r}")
+    for key in ("step", "optimizer_step"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(key, f"must be an integer >= 0, got {value!r}")
+    settings = data.get("settings")
+    if not isinstance(settings, dict):
+        raise bad("settings", f"must be an object, got {settings!r:.60}")
+    if not isinstance(settings.get("optimizer"), dict):
+        raise bad("settings.optimizer", f"must be an object, got {settings.get('optimizer')!r:.60}")
+    if "train" in settings:  # what the command line resumes from (a run through the API may keep only the optimizer)
+        if not isinstance(settings["train"], dict):
+            raise bad("settings.train", f"must be an object, got {settings['train']!r:.60}")
+        try:
+            TrainConfig(**settings["train"])
+        except TypeError as exc:
+            raise bad("settings.train", f"is not a training config ({exc})") from None
+        except TrainError as exc:
+            raise bad("settings.train", f"is invalid ({exc})") from None
+    for key in ("corpus", "text_file", "corpus_sha256"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise bad(f"settings.{key}", f"must be a string or null, got {settings[key]!r:.60}")
+    if data.get("lora") is not None and not isinstance(data["lora"], dict):
+        raise bad("lora", f"must be an object or null, got {data['lora']!r:.60}")
+    if data.get("only") is not None and not (
+        isinstance(data["only"], list) and all(isinstance(k, str) for k in data["only"])
+    ):
+        raise bad("only", f"must be a list of tensor names or null, got {data['only']!r:.60}")
+    for key, fields in (("history", ("step", "loss")), ("evals", ("step", "validation_loss"))):
+        records = data.get(key)
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(f), (int, float)) for f in fields) for r in records
+        ):
+            raise bad(key, f"must be a list of objects with {', '.join(fields)} (numbers)")
+    files = data.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise bad("files", "must map file names to sha256 digests")
+    return data
+
+
 def load_checkpoint(out: str | Path) -> tuple[TrainState, dict[str, Any]]:
-    """``(state, settings)`` from ``out/checkpoints/latest``; every file is validated against the others."""
+    """``(state, settings)`` from ``out/checkpoints/latest``; every file is validated against the others, and
+    against the sha256 that ``trainer_state.json`` recorded when it was saved."""
     folder = Path(out) / "checkpoints"
     try:
         name = (folder / LATEST).read_text().strip()
     except FileNotFoundError:
         raise CheckpointError(f"{folder / LATEST}: no checkpoint to resume from") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / LATEST}: unreadable ({exc})") from None
+    if not re.fullmatch(r"step-\d+", name):
+        raise CheckpointError(f"{folder / LATEST}: names {name[:40]!r}, not a checkpoint folder step-<s>")
     target = folder / name
-    try:
-        trainer_state = json.loads((target / "trainer_state.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{target / 'trainer_state.json'}: unreadable ({exc})") from None
-    if trainer_state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{target / 'trainer_state.json'}: format is not {STATE_FORMAT!r}")
+    state_file = target / "trainer_state.json"
+    trainer_state = _check_trainer_state(state_file, read_json(state_file, what="trainer state"))
     settings = trainer_state["settings"]
+    recorded = trainer_state.get("files") or {}  # absent in checkpoints of older versions
+    for file_name, digest in recorded.items():
+        path = target / file_name
+        if "/" in file_name or not path.is_file():
+            raise CheckpointError(f"{path}: missing (trainer_state.json records its sha256)")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: sha256 differs from the one trainer_state.json recorded when the "
+                                  "checkpoint was saved (the file was changed or corrupted)")  # fmt: skip
     params, config = load_gpt2(target)
     lora = adapter = None
     if trainer_state["lora"] is not None:
-        lora = LoraConfig.from_dict(trainer_state["lora"])
+        try:
+            lora = LoraConfig.from_dict(trainer_state["lora"])
+        except ConfigError as exc:
+            raise CheckpointError(f"{state_file}: lora: {exc}") from None
         adapter, _, biases = load_adapter(target, config)
         params.update(biases)
-    optimizer = optimizer_config_from_dict(settings["optimizer"])
+    try:
+        optimizer = optimizer_config_from_dict(settings["optimizer"])
+    except OptimizerError as exc:
+        raise CheckpointError(f"{state_file}: settings.optimizer: {exc}") from None
     only = trainer_state.get("only")
+    unknown = [k for k in only or () if k not in params]
+    if unknown:
+        raise CheckpointError(f"{state_file}: only names {unknown[:3]}, which are not base tensors of this GPT-2")
     state = TrainState(config, lora, params, adapter, {}, trainer_state["step"], trainer_state["history"],
                        trainer_state["evals"], None if only is None else tuple(only))  # fmt: skip
     try:
@@ -444,7 +532,9 @@ def register(subparsers) -> None:
     opt.add_argument("--dampening", type=float, default=0.0, help="SGD only")
     opt.add_argument("--nesterov", action="store_true", help="SGD only")
     run = p.add_argument_group("run")
-    run.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    run.add_argument(
+        "--steps", type=_positive_int, default=None, help=f"optimizer steps, >= 1 (default {DEFAULT_STEPS})"
+    )
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--seq-len", type=int, default=64)
     run.add_argument("--grad-accum", type=int, default=1)
@@ -456,11 +546,47 @@ def register(subparsers) -> None:
     run.add_argument("--eval-every", type=int, default=50)
     run.add_argument("--eval-windows", type=int, default=64)
     run.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    run.add_argument("--out", type=Path, required=True, metavar="DIR", help="where checkpoints and results go")
+    run.add_argument("--out", type=output_folder, required=True, metavar="DIR",
+                     help="where checkpoints and results go (a new path or a folder)")  # fmt: skip
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                      "(every other setting comes from the checkpoint; --steps may extend a constant-lr run)")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
+
+
+def _positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1 (``--steps 0`` is refused, not read as the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def check_splits(splits: Mapping[str, np.ndarray], train: TrainConfig, source: str) -> None:
+    """``DataError`` up front, naming the corpus, when a split is too short for one window of ``seq_len``: a
+    text needs ``9 · SPLIT_BLOCK + seq_len`` bytes before its validation split holds one window."""
+    for name in ("train", "validation"):
+        if len(splits[name]) < train.seq_len:
+            need = SPLIT_BLOCK * SPLITS["validation"] + train.seq_len
+            total = sum(len(v) for v in splits.values())
+            raise DataError(f"{source}: {total:,} bytes leave the {name} split {len(splits[name]):,} tokens, "
+                            f"shorter than one window of --seq-len {train.seq_len}; the corpus needs at least "
+                            f"{need:,} bytes")  # fmt: skip
+
+
+def training_bytes(config: GPT2Config, lora: LoraConfig | None, dtype: Any, train: TrainConfig) -> int:
+    """A generous estimate of a run's memory, from shapes alone: the base and trained tensors with their
+    gradients and two optimizer buffers, plus one micro-batch's saved activations, attention scores and logits."""
+    item = np.dtype(dtype).itemsize
+    n_base = sum(math.prod(shape) for shape in base_shapes(config).values())
+    n_trained = n_base if lora is None else sum(math.prod(s) for s in adapter_shapes(plan_lora(config, lora)).values())
+    b, t, c = max(train.batch_size, EVAL_BATCH), train.seq_len, config.n_embd
+    per_layer = b * t * (12 * c + 3 * config.inner_dim) + 4 * b * config.n_head * t * t
+    activations = config.n_layer * per_layer + 4 * b * t * config.vocab_size
+    return item * (n_base + 4 * n_trained + 2 * activations)
 
 
 def run_settings(args: argparse.Namespace, train: TrainConfig, optimizer: OptimizerConfig) -> dict[str, Any]:
@@ -474,7 +600,7 @@ def _fail(message: str) -> SystemExit:
 
 
 def _new_run(args: argparse.Namespace) -> tuple[TrainState, TrainConfig, OptimizerConfig, dict]:
-    train = TrainConfig(steps=args.steps or DEFAULT_STEPS, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+    train = TrainConfig(steps=DEFAULT_STEPS if args.steps is None else args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                         schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                         clip_norm=args.clip_norm, seed=args.seed, eval_every=args.eval_every,
                         eval_windows=args.eval_windows)  # fmt: skip
@@ -496,6 +622,7 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainState, TrainConfig, Optimiz
                             n_layer=args.n_layer, n_head=args.n_head)  # fmt: skip
         if train.seq_len > config.n_positions:
             raise TrainError(f"--seq-len {train.seq_len} exceeds --n-positions {config.n_positions}")
+        check_memory(training_bytes(config, None, args.dtype, train), "this run")  # before allocating the model
         params = init_pretraining_params(config, init_rng(args.seed, 0), np.dtype(args.dtype))
     lora = None
     if not args.full:
@@ -510,6 +637,8 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainState, TrainConfig, Optimiz
 
 def _resumed_run(args: argparse.Namespace) -> tuple[TrainState, TrainConfig, OptimizerConfig, dict]:
     state, settings = load_checkpoint(args.out)
+    if "train" not in settings:
+        raise TrainError(f"{Path(args.out) / 'checkpoints'}: the checkpoint records no settings.train to resume with")
     train = TrainConfig(**settings["train"])
     optimizer = optimizer_config_from_dict(settings["optimizer"])
     if args.steps is not None and args.steps != train.steps:
@@ -520,7 +649,7 @@ def _resumed_run(args: argparse.Namespace) -> tuple[TrainState, TrainConfig, Opt
                              "(the lr at every step depends on it)")  # fmt: skip
         train = replace(train, steps=args.steps)
         settings = {**settings, "train": asdict(train)}
-    args.corpus, args.text_file = settings["corpus"], settings["text_file"]
+    args.corpus, args.text_file = settings.get("corpus"), settings.get("text_file")
     return state, train, optimizer, settings
 
 
@@ -538,7 +667,12 @@ def run_cli(args: argparse.Namespace) -> int:
             raise TrainError("the corpus differs from the one this run started on (sha256 changed)")
         settings["corpus_sha256"] = info["sha256"]
         splits = corpus_splits(text)
-    except (TrainError, ConfigError, OptimizerError, CheckpointError, DataError) as exc:
+        check_splits(
+            splits, train, f"text file {args.text_file}" if args.text_file else f"corpus {args.corpus or 'pydoc'}"
+        )
+        check_memory(training_bytes(state.config, state.lora, state.params["transformer.wte.weight"].dtype, train),
+                     "this run")  # fmt: skip
+    except (TrainError, ConfigError, OptimizerError, CheckpointError, DataError, ResourceError) as exc:
         raise _fail(str(exc)) from None
     if state.step >= train.steps:
         console.print(f"nothing to do: the checkpoint is at step {state.step} of {train.steps}")
@@ -581,7 +715,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
                 run_training(state, train, optimizer, splits, on_step=on_step, checkpoint=checkpoint,
                              save_every=args.save_every)  # fmt: skip
-    except TrainError as exc:
+    except (TrainError, DataError, CheckpointError) as exc:
         raise _fail(str(exc)) from None
     if state.lora is not None:
         save_adapter(args.out / "adapter", state.adapter, state.lora, state.config, biases=state.params)

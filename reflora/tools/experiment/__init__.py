@@ -25,10 +25,11 @@ and ``report`` (the figures and the page's text); this module is the command lin
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
+from reflora.checkpoint import CheckpointError, read_json
+from reflora.tools.errors import output_folder
 from reflora.tools.experiment.analysis import (
     TOP_K,
     UPDATE_GROUPS,
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
         "with its figures. About 20 minutes on 2 quiet cores; --quick is a seconds-long smoke test.",
     )
     p.add_argument("name", choices=["why-lora"], help="the experiment")
-    p.add_argument("--out", type=Path, default=None, help="where the page goes (default: docs/ of this checkout; "
+    p.add_argument("--out", type=output_folder, default=None, help="where the page goes (default: docs/ of this checkout; "
                    "--quick requires --out)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a tiny smoke test of the pipeline (seconds)")
     p.add_argument("--workers", type=int, default=2, help="worker processes, one BLAS thread each (default 2)")
@@ -131,11 +132,21 @@ def _run_cli(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SystemExit("reflora experiment: error: --workers must be >= 1")
     if args.from_results is not None:
-        results = json.loads(args.from_results.read_text())
+        results = read_json(args.from_results, CheckpointError, "results file")
+        if not isinstance(results, dict):
+            raise SystemExit(f"reflora experiment: error: {args.from_results}: not a results object")
     else:
         with tempfile.TemporaryDirectory(prefix="reflora-why-lora-") as work:
             results = run_experiment(plan, args.workers, work, log=lambda m: print(m, flush=True))
-    page = write_page(results, out, command)
+    try:
+        page = write_page(results, out, command)
+    except (KeyError, TypeError, IndexError) as exc:
+        if args.from_results is None:
+            raise
+        raise SystemExit(
+            f"reflora experiment: error: {args.from_results}: not the results of this experiment "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     print(f"wrote {page} and its figures in {out / 'img'}")
     for v in verdicts(results):
         print(f"  {v['verdict']:>40}  {v['claim']}")

@@ -3,6 +3,7 @@ number comes from the results; the wording of the discussion is chosen by them).
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from pathlib import Path
@@ -144,7 +145,9 @@ def _save(fig, out: Path, name: str) -> str:
 
     relative = f"{IMG_PREFIX}{name}.png"
     fig.tight_layout()
-    fig.savefig(out / relative, dpi=110, metadata={"Software": None})
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    atomic_write_bytes(out / relative, buffer.getvalue())  # never a partial image
     plt.close(fig)
     return relative
 
