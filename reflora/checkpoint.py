@@ -147,6 +147,7 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
     for path in targets:
         check_writable_target(path)
     temps: list[tuple[str, Path]] = []
+    swept: set[Path] = set()
     current = None
     try:
         for path, data in targets.items():
@@ -155,7 +156,9 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
                 raise CheckpointWriteError(f"{path}: cannot create its folder (a file is in the way)") from None
-            remove_stale_temps(path.parent)
+            if path.parent not in swept:  # once per folder, not once per file
+                remove_stale_temps(path.parent)
+                swept.add(path.parent)
             with _signals_held():  # a signal right after mkstemp would leave a temporary nobody removes
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-")
                 temps.append((tmp, path))
