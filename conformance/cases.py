@@ -60,10 +60,14 @@ def build_layer_case(spec: dict[str, Any]) -> LayerCase:
     if spec["train_mode"]:
         keep_mask = (rng.random((batch, seq_len, in_f)) >= spec["lora_dropout"]).astype(np.float64)  # (B, T, in)
     dy = rng.standard_normal((batch, seq_len, out_f))  # (B, T, out)
+    # issue 15.1, drawn after dy so that every other case is unchanged: b_B ~ U(±1) (out,), m ~ U(0.5, 2) (out,)
+    lora_bias_B = rng.uniform(-1, 1, out_f) if spec.get("lora_bias") else None
+    magnitude = rng.uniform(0.5, 2.0, out_f) if spec.get("dora") else None
     return LayerCase(
         layout=spec["layout"], x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, r=r,
         lora_alpha=float(spec["lora_alpha"]), use_rslora=spec["use_rslora"], lora_dropout=spec["lora_dropout"],
         keep_mask=keep_mask, bias_trainable=spec["bias"] != "none", dy=dy, dtype=spec["dtype"], seed=spec["seed"],
+        lora_bias_B=lora_bias_B, magnitude=magnitude, dora_norm=spec.get("dora_norm", "detached"),
     )  # fmt: skip
 
 
@@ -126,7 +130,7 @@ def build_model_case(spec: dict[str, Any]) -> ModelCase:
         config=config, lora=lora, params=params, adapter=adapter, input_ids=input_ids, labels=labels,
         attention_mask=attention_mask, position_ids=position_ids, dropout_masks=masks, dlogits=dlogits,
         dtype=spec["dtype"], seed=spec["seed"], trained_biases=trained_biases, second_lora=second_lora,
-        second_adapter=second_adapter,
+        second_adapter=second_adapter, scale_ops=tuple(tuple(op) for op in spec.get("scale_ops", ())),
     )  # fmt: skip
 
 
@@ -163,6 +167,8 @@ def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
         poisoned = tensors[key].copy()
         poisoned.flat[int(rng.integers(poisoned.size))] = float(spec["poison"])
         adapters["a0"] = (lora, {**tensors, key: poisoned})
+    if "zero_norm_row" in spec:  # model.dora.zero_norm_row: after every draw, so the draws stay those above
+        params, adapters["d"] = zero_norm_row(params, config, adapters["d"], spec["zero_norm_row"])
     names = spec.get("active")
     if spec.get("adapter_names"):
         participating = [name for name in adapters if name in spec["adapter_names"]]
@@ -175,6 +181,23 @@ def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
         init_lora=LoraConfig(**spec["init"]) if "init" in spec else None, combination=spec.get("combination"),
         dtype=spec["dtype"], seed=spec["seed"],
     )  # fmt: skip
+
+
+def zero_norm_row(params, config, adapter, where: dict[str, int]):
+    """(params, (lora, tensors)) with a DoRA row of zero norm: of the adapter's modules in plan order, module
+    ``where["module"] % count`` gets output row o = ``where["row"] % out`` zeroed in W (a column of the Conv1D's
+    (in, out) weight) and in B (out, r), so V_o = Wt_o + s·B_o A = 0 exactly (docs/advanced-semantics.md, DoRA)."""
+    lora, tensors = adapter
+    plan = plan_lora(config, lora)
+    name = list(plan)[where["module"] % len(plan)]
+    module = plan[name]
+    (branch,) = module.branches
+    row = where["row"] % module.out_features
+    weight = params[f"{name}.weight"].copy()
+    weight[:, row] = 0.0
+    b = tensors[branch.b_key].copy()
+    b[row, :] = 0.0
+    return {**params, f"{name}.weight": weight}, (lora, {**tensors, branch.b_key: b})
 
 
 def golden_model_case(spec: dict[str, Any]):
@@ -246,7 +269,7 @@ def perturbed(case, seed: int, size: float = 1.0):
         return value
 
     if isinstance(case, LayerCase):
-        names: tuple[str, ...] = ("x", "weight", "bias", "lora_A", "lora_B", "dy")
+        names: tuple[str, ...] = ("x", "weight", "bias", "lora_A", "lora_B", "dy", "lora_bias_B", "magnitude")
     elif isinstance(case, AdaptersCase):
         names = ("params", "adapters")
     else:

@@ -31,7 +31,7 @@ from conformance.cases import (
 )
 from conformance.compare import compare_ks, compare_set, compare_tensors, normal_cdf, uniform_cdf
 from conformance.expectations import ADVANCED_EXPECTATIONS, cast_tree
-from conformance.features import FEATURES
+from conformance.features import FEATURES, UNMERGE_VARIANTS
 from conformance.protocol import AdaptersCase, CandidateError
 from conformance.tolerance import (
     MAX_FLOAT32_BOUND,
@@ -171,9 +171,12 @@ def _check_layer(result: CheckResult, method: str, call: Call) -> None:
     if method == "layer_merge":
         expected, plains = expectations.layer_merge(case, "float64"), plain_evaluations(expectations.layer_merge, case)
         # feature layer.merge.*: the merged weight and forward; layer.unmerge.*: the weight after unmerging
-        keep = ("unmerged_weight",) if FEATURES[result.spec["feature"]].variant == "unmerge" else MERGE_RESULTS
+        keep = ("unmerged_weight",) if FEATURES[result.spec["feature"]].variant in UNMERGE_VARIANTS else MERGE_RESULTS
         expected = {k: v for k, v in expected.items() if k in keep}
         plains = [{k: v for k, v in plain.items() if k in keep} for plain in plains]
+    elif case.lora_bias_B is not None or case.magnitude is not None:  # layer.lora_bias.* / layer.dora.*
+        expected = expectations.layer_adapted_forward_backward(case, "float64")
+        plains = plain_evaluations(expectations.layer_adapted_forward_backward, case)
     else:
         expected = expectations.layer_forward_backward(case, "float64")
         plains = plain_evaluations(expectations.layer_forward_backward, case)
@@ -344,7 +347,11 @@ def check_advanced(result: CheckResult, call: Call) -> None:
     expected = function(case, "float64")
     # PiSSA/OLoRA: an SVD or QR has a backward error of ~dimension·u (Householder; Higham, Accuracy and Stability,
     # 19.3), not u: the re-rounded copies get a relative perturbation of that size (4·n_embd, c_fc's width)
-    size = 4 * case.config.n_embd if feature.variant in ("init_pissa", "init_olora") else 1
+    size = 4 * case.config.n_embd if feature.variant in ("init_pissa", "init_olora", "init_pissa_niter") else 1
+    # the same for the SVD of a truncated weighted combination (new variants only: the older ones keep their bound)
+    svd_variants = ("weighted_patterns", "weighted_ties_svd", "weighted_magnitude_prune_svd")
+    if feature.variant in svd_variants and case.combination["combination_type"].endswith("svd"):
+        size = 4 * case.config.n_embd
     copies = [case] + [perturbed(case, i, size) for i in range(1, PLAINS[feature.method])]
     plains = [cast_tree(function(c, "float32"), "float64") for c in copies]
     result.expected = expected
@@ -415,6 +422,10 @@ def _check_init(result: CheckResult, case: AdaptersCase, actual: dict, expected:
         else:
             nonzero = sum(int(np.count_nonzero(b)) for b in b_samples)
             result.comparisons.append(exact("lora_B = 0", nonzero == 0, f"{nonzero} non-zero entries in lora_B"))
+    if init == "orthogonal":
+        _check_orthogonal(result, plan, adapter)
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        _check_pissa_niter(result, case, plan, adapter, actual.get("params") or {})
     numeric = {k: v for k, v in expected.items() if k not in ("scaled_delta", "magnitude")}
     actual_numeric = {"logits": actual.get("logits"), "params": actual.get("params") or {}}
     if init is False:  # the adapter acts from the start: the output is not the base's
@@ -427,3 +438,63 @@ def _check_init(result: CheckResult, case: AdaptersCase, actual: dict, expected:
         derived["magnitude"] = {m: adapter[mod.magnitude_key] for m, mod in plan.items()}
     wanted = {k: expected[k] for k in derived}
     compare_tensors(result, derived, wanted, [{k: p[k] for k in derived} for p in plains], case.dtype)
+
+
+ORTHOGONAL_Z = 3.89  # two-sided normal quantile at α = 1e-4, the KS tests' level
+ORTHOGONAL_RTOL = 1e-5  # float32 rounding of Q_e Q_oᵀ = 0 and of rank r/2, with margin (r ≤ 4)
+
+
+def _check_orthogonal(result: CheckResult, plan: dict, adapter: dict[str, np.ndarray]) -> None:
+    """PEFT's ``orthogonal_init`` (reflora.lora_init): per module B A = 0 (max |B A| ≤ 1e-5 ‖B‖₂‖A‖₂) and
+    rank A = rank B = r/2 (σ_{r/2+1} ≤ 1e-5 σ_1); pooled over modules 100 Σ‖A‖_F² ~ χ²(Σ in·r/2) and
+    100 Σ‖B‖_F² ~ χ²(Σ out·r/2), tested by their normal approximation at α = 1e-4."""
+    worst_ba, worst_rank, stats = 0.0, 0.0, {"A": [0.0, 0], "B": [0.0, 0]}
+    for module in plan.values():
+        (branch,) = module.branches
+        a, b = adapter[branch.a_key], adapter[branch.b_key]
+        sa, sb = np.linalg.svd(a, compute_uv=False), np.linalg.svd(b, compute_uv=False)
+        half = module.r // 2
+        worst_ba = max(worst_ba, float(np.max(np.abs(b @ a))) / max(float(sa[0] * sb[0]), 1e-300))
+        worst_rank = max(worst_rank, float(sa[half] / sa[0]), float(sb[half] / sb[0]))
+        stats["A"][0] += 100.0 * float(np.sum(a * a))
+        stats["A"][1] += module.in_features * half
+        stats["B"][0] += 100.0 * float(np.sum(b * b))
+        stats["B"][1] += module.out_features * half
+    result.comparisons.append(exact("B A = 0", worst_ba <= ORTHOGONAL_RTOL, f"max |B A| = {worst_ba:.2e}·‖B‖‖A‖"))
+    result.comparisons.append(exact("rank A = rank B = r/2", worst_rank <= ORTHOGONAL_RTOL,
+                                    f"σ_(r/2+1)/σ_1 = {worst_rank:.2e}"))  # fmt: skip
+    for name, (x, n) in stats.items():
+        z = (x - n) / math.sqrt(2 * n)
+        result.comparisons.append(exact(f"100‖{name}‖² ~ χ²({n})", abs(z) <= ORTHOGONAL_Z, f"z = {z:.2f}"))
+
+
+PISSA_NITER_RTOL = 1e-5  # float32 (PEFT runs PiSSA in float32): a few u·(‖W‖ + ‖s·BA‖), with margin
+
+
+def _check_pissa_niter(result: CheckResult, case: AdaptersCase, plan: dict, adapter: dict, params: dict) -> None:
+    """Randomised PiSSA (reflora.lora_init.randomized_svd): per module, with Wt the original (out, in) weight,
+    D = s·B A and R the returned residual (Wt form): R + D = Wt (≤ 1e-5 max|Wt|); D has rank r (σ_{r+1} ≤ 1e-5
+    σ_1); R is orthogonal to D's column space (out ≥ in: Dᵀ R = 0) or row space (out < in: R Dᵀ = 0), within
+    1e-5 ‖Wt‖₂² (s·BA is a projection of Wt); ‖R‖_F ≥ (1 − 1e-5) √(Σ_{j>r} σ_j²) (Eckart–Young). How close D is
+    to the top-r part is random and not bounded (torch.svd_lowrank without oversampling)."""
+    deltas = expectations.scaled_deltas(plan, adapter)
+    worst = {"sum": 0.0, "rank": 0.0, "projection": 0.0, "eckart_young": 0.0}
+    for name, module in plan.items():
+        key = f"{name}.weight"
+        if key not in params:
+            result.comparisons.append(exact("residual base", False, f"no {key} returned"))
+            return
+        Wt = np.asarray(case.params[key], dtype=np.float64).T  # (out, in)
+        R, D = np.asarray(params[key], dtype=np.float64).T, np.asarray(deltas[name], dtype=np.float64)
+        if R.shape != Wt.shape or D.shape != Wt.shape:
+            result.comparisons.append(exact("residual base", False, f"{key}: shape {R.shape}, expected {Wt.shape}"))
+            return
+        s_w, s_d = np.linalg.svd(Wt, compute_uv=False), np.linalg.svd(D, compute_uv=False)
+        cross = D.T @ R if Wt.shape[0] >= Wt.shape[1] else R @ D.T
+        worst["sum"] = max(worst["sum"], float(np.max(np.abs(R + D - Wt)) / np.max(np.abs(Wt))))
+        worst["rank"] = max(worst["rank"], float(s_d[module.r] / s_d[0]) if len(s_d) > module.r else 0.0)
+        worst["projection"] = max(worst["projection"], float(np.max(np.abs(cross)) / s_w[0] ** 2))
+        tail = math.sqrt(float(np.sum(s_w[module.r :] ** 2)))
+        worst["eckart_young"] = max(worst["eckart_young"], 1.0 - float(np.linalg.norm(R)) / tail if tail else 0.0)
+    for label, value in worst.items():
+        result.comparisons.append(exact(f"pissa_niter {label}", value <= PISSA_NITER_RTOL, f"worst {value:.2e}"))

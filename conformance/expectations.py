@@ -24,10 +24,12 @@ import numpy as np
 
 from conformance.protocol import AdaptersCase, LayerCase, ModelCase, targeted_keys
 from reflora.config import GPT2Config, LoraConfig
+from reflora.layer import LayerAdapter, adapted_linear_backward, adapted_linear_forward
 from reflora.lora_init import init_adapter
 from reflora.merge import MergeError, lora_delta_bias, lora_delta_weight, merge_adapters, unmerge_adapters
 from reflora.model import gpt2_backward, gpt2_forward, gpt2_loss_and_grads, trainable_keys
 from reflora.ops import LoraBranchWeights, lora_linear_backward, lora_linear_forward
+from reflora.scaling import runtime_multiplier, scaled_lora
 from reflora.targets import LoraModule, plan_lora
 from reflora.weighted import add_weighted_adapter
 
@@ -110,6 +112,41 @@ def layer_forward_backward(
     return out
 
 
+def layer_adapted_forward_backward(case: LayerCase, dtype: str, norm_gradient: str | None = None) -> dict[str, Any]:
+    """lora_bias / DoRA on one layer (issue 15.1), through ``reflora.layer.adapted_linear_forward/backward``:
+    y = x Wtᵀ + b + s·(B A x + b_B) (lora_bias), or DoRA's m ⊙ (W + sBA)x / ‖W + sBA‖_row (+ b) with the norm
+    detached (``norm_gradient="detached"``, PEFT's) or not (``"full"``); None: ``case.dora_norm``. One
+    full-width branch, eval mode.
+
+    Returns ``y`` (B, T, out), ``dx`` (B, T, in), ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_B_bias`` (out,)
+    with lora_bias, ``magnitude`` (out,) with DoRA, ``bias`` (out,) if trainable, and ``trainable``."""
+    batch, seq_len, in_f = case.x.shape
+    n = batch * seq_len
+    x = cast(case.x, dtype).reshape(n, in_f)  # (N, in)
+    weight, bias = cast(case.weight, dtype), cast(case.bias, dtype)
+    ((_, branch),) = layer_branches(case, dtype)
+    ad = LayerAdapter((branch,), (cast(case.lora_bias_B, dtype),), cast(case.magnitude, dtype), None, 0.0, None)
+    y, cache = adapted_linear_forward(x, weight, bias, (ad,), case.layout)  # (N, out)
+    dy = cast(case.dy, dtype).reshape(n, -1)  # (N, out)
+    norm = norm_gradient or case.dora_norm
+    dx, _, dbias, (grads,) = adapted_linear_backward(
+        dy, cache, weight, (ad,), case.layout, norm_gradient=norm, want_dbias=case.bias_trainable
+    )
+    ((dA, dB),) = grads.branches
+    out: dict[str, Any] = {"y": y.reshape(batch, seq_len, -1), "dx": dx.reshape(batch, seq_len, in_f),
+                           "lora_A": dA, "lora_B": dB}  # fmt: skip
+    if case.lora_bias_B is not None:
+        out["lora_B_bias"] = grads.biases[0]
+    if case.magnitude is not None:
+        out["magnitude"] = grads.magnitude
+    trainable = list(out)[2:]
+    if case.bias_trainable:
+        out["bias"] = dbias
+        trainable.append("bias")
+    out["trainable"] = trainable
+    return out
+
+
 def layer_merge(case: LayerCase, dtype: str) -> dict[str, np.ndarray]:
     """``merged_weight``, ``merged_y`` (forward with the merged weight, eval mode) and ``unmerged_weight``.
 
@@ -148,6 +185,8 @@ def model_forward_backward(case: ModelCase, dtype: str) -> dict[str, Any]:
     (key -> number of elements)."""
     inputs = _model_inputs(case, dtype)
     params, adapter, lora = inputs["params"], inputs["adapter"], inputs["lora"]
+    if case.scale_ops:  # runtime scaling: every module's scaling times m (reflora.scaling)
+        lora = scaled_lora(lora, runtime_multiplier(case.scale_ops))
     masks = None if case.dropout_masks is None else {k: cast(v, dtype) for k, v in case.dropout_masks.items()}
     keys = trainable_keys(case.config, lora)
     kwargs = dict(attention_mask=case.attention_mask, position_ids=case.position_ids, adapter=adapter, lora=lora,
@@ -287,7 +326,8 @@ def weighted_expectation(case: AdaptersCase, dtype: str) -> dict[str, Any]:
     params, adapters = cast_tree(case.params, dtype), cast_tree(case.adapters, dtype)
     c = case.combination
     lora, tensors = add_weighted_adapter(case.config, adapters, c["names"], c["weights"], c["combination_type"],
-                                         c["svd_rank"])  # fmt: skip
+                                         c["svd_rank"], c.get("density"),
+                                         c.get("majority_sign_method", "total"))  # fmt: skip
     out = module_deltas(case.config, lora, tensors)
     if not out["bias_deltas"]:
         del out["bias_deltas"]

@@ -24,6 +24,10 @@ class Feature:
     title: str = ""
 
 
+MERGE_VARIANTS = ("merge", "unmerge", "merge_square", "unmerge_square")  # layer level, method layer_merge
+UNMERGE_VARIANTS = ("unmerge", "unmerge_square")  # checked on unmerged_weight only
+
+
 def _layer_features() -> list[Feature]:
     out = []
     variants = [
@@ -34,10 +38,16 @@ def _layer_features() -> list[Feature]:
         ("qkv_slices", "per-slice LoRA on a fused q/k/v projection", ("per_slice_qkv",)),
         ("merge", "merge W + s·BA, forward after merge", ("merge",)),
         ("unmerge", "unmerge after merge restores W", ("merge", "unmerge")),
+        # square weights (in == out): a transposed delta runs without a shape error and must show by value
+        ("merge_square", "merge W + s·BA on a square weight (in == out), forward after merge", ("merge",)),
+        ("unmerge_square", "unmerge after merge restores a square weight (in == out)", ("merge", "unmerge")),
+        ("lora_bias", "lora_bias: branch s·(BAx + b_B); y, dx, dA, dB, d b_B", ("layer_lora_bias",)),
+        ("dora", "DoRA, detached norm (PEFT's): y, dx, dA, dB, d magnitude", ("layer_dora",)),
+        ("dora_full_norm", "DoRA, full-norm gradient (alternative): y, dx, dA, dB, dm", ("layer_dora_full_norm",)),
     ]
     for layout in ("linear", "conv1d"):
         for variant, title, variant_needs in variants:
-            method = "layer_merge" if variant in ("merge", "unmerge") else "layer_forward_backward"
+            method = "layer_merge" if variant in MERGE_VARIANTS else "layer_forward_backward"
             needs = (f"layout:{layout}", *variant_needs)
             out.append(
                 Feature(f"layer.{variant}.{layout}", "layer", method, needs, variant, layout, f"{layout}: {title}")
@@ -69,6 +79,22 @@ MODEL_FEATURES = [
             title="layers_to_transform"),
     Feature("model.targets.patterns", "model", "model_forward_backward", (*_MODEL, "rank_alpha_pattern"), "patterns",
             title="rank_pattern and alpha_pattern"),
+    Feature("model.targets.patterns_overlap", "model", "model_forward_backward", (*_MODEL, "rank_alpha_pattern"),
+            "patterns_overlap", title="pattern keys that overlap (first key in dict order wins, both orders), "
+            "regex keys with anchors"),
+    Feature("model.targets.all_linear", "model", "model_forward_backward", (*_MODEL, "target_modules_all_linear"),
+            "all_linear", title="target_modules='all-linear': every Conv1D, lm_head left out"),
+    Feature("model.targets.exclude", "model", "model_forward_backward", (*_MODEL, "exclude_modules"), "exclude",
+            title="exclude_modules as a list (suffix) or a regex (fullmatch), checked before target_modules"),
+    Feature("model.scaling.set_scale", "model", "model_forward_backward", (*_MODEL, "runtime_scaling"), "set_scale",
+            title="set_scale(adapter, c) on every LoRA layer: scaling c·alpha/r (c·alpha/√r under rsLoRA)"),
+    Feature("model.scaling.scale_layer", "model", "model_forward_backward", (*_MODEL, "runtime_scaling"),
+            "scale_layer", title="scale_layer(c) / unscale_layer(c or None) sequences: multiply, divide, reset"),
+    Feature("model.embedding.lora", "model", "model_forward_backward", (*_MODEL, "embedding_lora"), "embedding_lora",
+            title="LoRA on wte: lora_embedding_A (r, V) / _B (C, r), alpha/r, no dropout; the tied head keeps W"),
+    Feature("model.embedding.trainable_tokens", "model", "model_forward_backward", (*_MODEL, "trainable_tokens"),
+            "trainable_tokens", title="trainable_token_indices (list or {'wte': [...]}): rows of wte replaced by "
+            "trainable_tokens_delta in the lookup and the tied head"),
     Feature("model.qkv_slices", "model", "model_forward_backward", (*_MODEL, "per_slice_qkv"), "qkv",
             title="per-slice q/k/v LoRA on c_attn"),
     Feature("model.adapter_save", "model", "save_adapter", (*_MODEL, "adapter_files"), "adapter_save",
@@ -100,6 +126,8 @@ ADVANCED_FEATURES = [
             title="DoRA: logits, loss, detached-norm gradients of A, B and the magnitude (eval mode)"),
     Feature("model.dora.dropout", "advanced", "model_adapters", (*_ADV, "dora", "dropout_mask_injection"),
             "dora_dropout", title="DoRA with injected LoRA dropout keep-masks (PEFT's dropout form)"),
+    Feature("model.dora.zero_norm_row", "advanced", "model_adapters", (*_ADV, "dora"), "dora_zero_row",
+            title="DoRA with a zero-norm row of W + sBA: that row's factor is 0, its output the bias, no NaN"),
     Feature("model.dora.init", "advanced", "init_adapter", (*_ADV, "dora", "init:true"), "dora_init",
             title="DoRA at init: magnitude = row norms of W, file key lora_magnitude_vector, output = base"),
     Feature("model.init.true", "advanced", "init_adapter", (*_ADV, "init:true"), "init_true",
@@ -112,6 +140,10 @@ ADVANCED_FEATURES = [
             title="PiSSA: s·BA = top-r SVD part, residual base, output unchanged at init"),
     Feature("model.init.olora", "advanced", "init_adapter", (*_ADV, "init:olora"), "init_olora",
             title="OLoRA: s·BA = Q_r R_r of Wt, residual base, output unchanged at init"),
+    Feature("model.init.orthogonal", "advanced", "init_adapter", (*_ADV, "init:orthogonal"), "init_orthogonal",
+            title="init_lora_weights='orthogonal': B A = 0, rank r/2 each, 100‖A‖² ~ χ², output = base"),
+    Feature("model.init.pissa_niter", "advanced", "init_adapter", (*_ADV, "init:pissa_niter"), "init_pissa_niter",
+            title="pissa_niter_K: residual + s·BA = W, s·BA a rank-r projection of W, output unchanged"),
     Feature("model.adapters.active", "advanced", "model_adapters", (*_ADV, "multi_adapter"), "active",
             title="several active adapters (any order): deltas add up; loss and every adapter's gradients"),
     Feature("model.adapters.disabled", "advanced", "model_adapters", (*_ADV, "multi_adapter"), "disabled",
@@ -134,6 +166,18 @@ ADVANCED_FEATURES = [
             "weighted_lora_bias", title="lora_bias sources: b_B = Σ w_i s_i b_i"),
     Feature("model.weighted.coefficients", "advanced", "weighted_adapter", (*_ADV, "combination:linear"),
             "weighted_coefficients", title="'linear' in float64 with any weights: coefficients in float64"),
+    Feature("model.weighted.ties", "advanced", "weighted_adapter", (*_ADV, "combination:ties"), "weighted_ties",
+            title="'ties': magnitude-pruned A_i, B_i, elected sign ('total'/'frequency'), disjoint mean"),
+    Feature("model.weighted.magnitude_prune", "advanced", "weighted_adapter", (*_ADV, "combination:magnitude_prune"),
+            "weighted_magnitude_prune", title="'magnitude_prune': Σ c_i (A_i, B_i pruned to density by |value|)"),
+    Feature("model.weighted.ties_svd", "advanced", "weighted_adapter", (*_ADV, "combination:ties_svd"),
+            "weighted_ties_svd", title="'ties_svd': ties on the s_i B_i A_i, then the best rank-k approximation"),
+    Feature("model.weighted.magnitude_prune_svd", "advanced", "weighted_adapter",
+            (*_ADV, "combination:magnitude_prune_svd"), "weighted_magnitude_prune_svd",
+            title="'magnitude_prune_svd': pruned s_i B_i A_i summed with w_i, then rank-k SVD"),
+    Feature("model.weighted.patterns", "advanced", "weighted_adapter",
+            (*_ADV, "combination:cat", "combination:svd", "rank_alpha_pattern"), "weighted_patterns",
+            title="'cat' / 'svd' of sources with rank_pattern and alpha_pattern: each module's own r and s"),
 ]  # fmt: skip
 GOLDEN_FEATURE = Feature("golden.replay", "golden", "model_forward_backward", _MODEL, "golden",
                          title="the committed golden fixtures, as fixed regression points")  # fmt: skip

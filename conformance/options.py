@@ -33,3 +33,14 @@ def positive_float(text: str) -> float:
             f"must be a finite number of seconds > 0 (got {text}): a driver call cannot finish in no time"
         )
     return value
+
+
+def feature_seed(text: str) -> int:
+    """A whole number >= 0 (``--feature-seed``: the seed of the shuffled feature order)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (the seed a report printed), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value

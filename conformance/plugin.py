@@ -10,12 +10,13 @@ are and no candidate is given, the run stops with a usage error (it never runs n
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import pytest
 
-from conformance.options import positive_float, positive_int
+from conformance.options import feature_seed, positive_float, positive_int
 
 # Only pytest is imported here: this plugin is loaded by every pytest run where reflora is installed, also
 # without the "conform" extra (hypothesis, rich); the suite's modules are imported once a candidate is given.
@@ -72,6 +73,12 @@ def pytest_addoption(parser) -> None:
         "timeout then interrupts Python code only; a crash or os._exit ends the run, and the --report-json "
         "file holds the tests run so far)",
     )
+    group.addoption("--fresh-process", dest="conformance_fresh_process", action=argparse.BooleanOptionalAction,
+                    default=None, help="run every feature in a fresh candidate worker process (default: on in the "
+                    "thorough profile, off in ci and dev; needs --isolation subprocess)")  # fmt: skip
+    group.addoption("--feature-seed", dest="conformance_feature_seed", type=feature_seed, default=None, metavar="N",
+                    help="shuffle the feature order with this seed (the dev and thorough profiles shuffle with a "
+                    "random seed the report prints; ci keeps the fixed order unless a seed is given)")  # fmt: skip
     group.addoption(
         "--candidate-timeout",
         dest="conformance_timeout",
@@ -124,6 +131,58 @@ def pytest_configure(config) -> None:
             deviations_path=config.getoption("conformance_deviations"),
             golden_dir=config.getoption("conformance_golden_dir"),
         )
+        _state_isolation(config, config.stash[SUITE])
+
+
+def _state_isolation(config, suite) -> None:
+    """Set ``suite.fresh_process`` and ``suite.feature_seed`` from the options and the profile (docs/conformance.md
+    "State isolation"). An xdist worker takes the controller's seed (``pytest_configure_node``): every worker
+    must collect the same order."""
+    import random
+
+    from conformance.profiles import PROFILES
+
+    profile = PROFILES[suite.profile]
+    fresh = config.getoption("conformance_fresh_process")  # None: the profile's (off under --isolation none)
+    suite.fresh_process = profile.fresh_process and suite.isolation == "subprocess" if fresh is None else fresh
+    if suite.fresh_process and suite.isolation != "subprocess":
+        raise pytest.UsageError("reflora conformance: --fresh-process needs --isolation subprocess (a fresh process "
+                                "per feature is a fresh candidate worker)")  # fmt: skip
+    seed = config.getoption("conformance_feature_seed")
+    if hasattr(config, "workerinput"):
+        seed = config.workerinput.get("reflora_feature_seed", seed)
+    elif seed is None and profile.shuffle:
+        seed = random.SystemRandom().randrange(2**32)
+    suite.feature_seed = seed
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist, on the controller: hand the feature seed to each worker, which shuffles the same way."""
+    suite = node.config.stash.get(SUITE, None)
+    if suite is not None:
+        node.workerinput["reflora_feature_seed"] = suite.feature_seed
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """With a feature seed: shuffle the conformance tests by feature (a feature's tests, e.g. the golden
+    replays, stay together and in order), ``random.Random(seed).shuffle`` of the features in collection order.
+    Other tests keep their places."""
+    suite = config.stash.get(SUITE, None)
+    if suite is None or suite.feature_seed is None:
+        return
+    import random
+
+    from conformance.suite import feature_of
+
+    places = [i for i, item in enumerate(items) if _test_id(item) is not None]
+    groups: dict[str, list] = {}
+    for i in places:
+        groups.setdefault(feature_of(_test_id(items[i])).id, []).append(items[i])
+    order = list(groups)
+    random.Random(suite.feature_seed).shuffle(order)
+    for i, item in zip(places, [item for feature in order for item in groups[feature]], strict=True):
+        items[i] = item
 
 
 def pytest_sessionstart(session) -> None:
@@ -134,6 +193,8 @@ def pytest_sessionstart(session) -> None:
     from conformance.protocol import CandidateError, DriverLoadError
     from reflora.golden import GoldenError
 
+    if xdist_role(session.config) == "controller":
+        return  # the workers start the candidate, one each (see "pytest-xdist" below)
     try:
         suite.start()
     except (DriverLoadError, DeviationsError, CandidateError) as exc:
@@ -156,7 +217,7 @@ def _write_partial_report(config, running: str | None) -> None:
     segfault; a killed process) leaves the tests run so far on disk. The last write, at the end, is complete."""
     suite = config.stash.get(SUITE, None)
     path = config.getoption("conformance_report_json")
-    if suite is None or not path or not hasattr(suite, "info"):
+    if suite is None or not path or not hasattr(suite, "info") or xdist_role(config) == "worker":
         return
     from conformance.report import build_report, write_json
 
@@ -308,6 +369,11 @@ def pytest_runtest_makereport(item, call):
     from conformance.suite import NOT_SUPPORTED, CandidateBroke, ConformanceFailure
 
     record = suite.records[test_id]
+    if xdist_role(item.config) == "worker":
+        report.reflora_record = _pack(record)  # refreshed below (the same object): read on the controller
+        if not suite.__dict__.get("_state_sent"):
+            suite._state_sent = True
+            report.reflora_state = _pack(_worker_state(suite))
     if call.excinfo is not None and isinstance(call.excinfo.value, (ConformanceFailure, CandidateBroke)):
         notes = getattr(call.excinfo.value, "__notes__", [])
         report.longrepr = "\n".join([str(call.excinfo.value), *notes])
@@ -335,6 +401,8 @@ def pytest_runtest_makereport(item, call):
                 record.outcome, record.reason = "skipped", reason
         else:
             record.outcome = "passed"
+    if hasattr(report, "reflora_record"):
+        report.reflora_record = _pack(record)
     return report
 
 
@@ -359,8 +427,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus) -> None:
     suite = session.config.stash.get(SUITE, None)
-    if suite is None or not suite.records:
-        return
+    if suite is None or not suite.records or xdist_role(session.config) == "worker":
+        return  # a worker's records travel to the controller with its reports, which writes the one report
     from conformance.report import build_report, write_json
 
     report = build_report(suite)
@@ -378,3 +446,71 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED  # not the candidate's fault, but nothing to pass on
     elif exitstatus == 0 and report["summary"]["checked"] == 0:
         session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED  # nothing was checked: never a silent pass
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-xdist (`reflora conform -n N`): every worker process loads the candidate in its own candidate worker
+# and runs the features xdist hands it; the controller starts no candidate. Each conformance test report a worker
+# sends carries its TestRecord (``reflora_record``), the first one also the worker's suite state (candidate
+# info, deviations, the collected test ids in order: ``reflora_state``), pickled and base64-encoded (xdist
+# serialises report attributes that are strings). The controller puts them into its own Suite, so the
+# progress lines, the table, the JSON report and the known-deviation outcomes are those of a serial run.
+# ---------------------------------------------------------------------------------------------
+
+
+def xdist_role(config) -> str | None:
+    """The xdist role: "worker" in an xdist worker, "controller" in the process that distributes tests (-n N,
+    N >= 1), else None (a serial run)."""
+    if hasattr(config, "workerinput"):
+        return "worker"
+    if getattr(config.option, "dist", "no") != "no" and (getattr(config.option, "numprocesses", None) or
+                                                          getattr(config.option, "tx", None)):  # fmt: skip
+        return "controller"
+    return None
+
+
+def _pack(value) -> str:
+    import base64
+    import pickle
+
+    return base64.b64encode(pickle.dumps(value)).decode("ascii")
+
+
+def _unpack(text: str):
+    import base64
+    import pickle
+
+    return pickle.loads(base64.b64decode(text))  # only from this run's own xdist workers
+
+
+def _worker_state(suite) -> dict:
+    """What the controller needs of a worker's started Suite to report like a serial run."""
+    return {"info": suite.info, "capabilities": suite.capabilities, "deviations": suite.deviations,
+            "deviations_path": suite.deviations_path, "fixture_sha256": suite.fixture_sha256,
+            "order": [(r.test_id, r.feature, r.nodeid) for r in suite.records.values()]}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report) -> None:
+    """On the xdist controller: take the worker's record (and, once, its suite state) before the terminal
+    reporter (which asks ``pytest_report_teststatus``) sees the report."""
+    config = _CONFIG.get("config")
+    suite = None if config is None else config.stash.get(SUITE, None)
+    if suite is None or xdist_role(config) != "controller" or not hasattr(report, "reflora_record"):
+        return
+    from conformance.suite import TestRecord
+
+    state = getattr(report, "reflora_state", None)
+    if state is not None and not hasattr(suite, "info"):
+        state = _unpack(state)
+        for key in ("info", "capabilities", "deviations", "deviations_path", "fixture_sha256"):
+            setattr(suite, key, state[key])
+        known = suite.records
+        suite.records = {
+            tid: known.get(tid) or TestRecord(tid, feature, nodeid) for tid, feature, nodeid in state["order"]
+        }
+        suite.records.update(known)
+    record = _unpack(report.reflora_record)
+    suite.records[record.test_id] = record
+    if report.when == "teardown":
+        _write_partial_report(config, None)

@@ -7,6 +7,10 @@
 * ``dev``: random cases, more of them, shrinking on: a failure is reduced to a small case.
 * ``thorough``: many examples, for release checks.
 
+State isolation (docs/conformance.md "State isolation"): ``dev`` and ``thorough`` run the features in an order
+shuffled with a seed that the report prints (``--feature-seed N`` replays it); ``thorough`` also gives every
+feature a fresh candidate worker process (``--fresh-process``). ``ci`` keeps the fixed order and one worker.
+
 The settings are applied per test (never loaded globally), so the suite does not change the hypothesis profile
 of anything else running in the same process. They are also registered with hypothesis under
 ``reflora-conformance-<name>``.
@@ -27,6 +31,8 @@ class Profile:
     model_examples: int
     derandomize: bool
     shrink: bool
+    shuffle: bool = False  # the feature order is shuffled with a printed seed (--feature-seed)
+    fresh_process: bool = False  # a fresh candidate worker process per feature (--fresh-process)
 
     def examples(self, level: str, override: int | None = None) -> int:
         if override is not None:
@@ -48,8 +54,16 @@ class Profile:
 
 PROFILES = {
     "ci": Profile("ci", layer_examples=20, model_examples=6, derandomize=True, shrink=False),
-    "dev": Profile("dev", layer_examples=50, model_examples=15, derandomize=False, shrink=True),
-    "thorough": Profile("thorough", layer_examples=400, model_examples=80, derandomize=False, shrink=True),
+    "dev": Profile("dev", layer_examples=50, model_examples=15, derandomize=False, shrink=True, shuffle=True),
+    "thorough": Profile(
+        "thorough",
+        layer_examples=400,
+        model_examples=80,
+        derandomize=False,
+        shrink=True,
+        shuffle=True,
+        fresh_process=True,
+    ),
 }
 
 for _profile in PROFILES.values():

@@ -73,6 +73,11 @@ class Capabilities:
     target_modules_regex: bool = False  # model level: PEFT's fullmatch regex
     layers_to_transform: bool = False
     rank_alpha_pattern: bool = False
+    target_modules_all_linear: bool = False  # model level: PEFT's target_modules="all-linear" (lm_head left out)
+    exclude_modules: bool = False  # model level: PEFT's exclude_modules, a list (suffix) or a regex (fullmatch)
+    runtime_scaling: bool = False  # model level: ModelCase.scale_ops (PEFT's set_scale / scale_layer / unscale_layer)
+    embedding_lora: bool = False  # model level: LoRA on wte (PEFT lora.Embedding, lora_embedding_A/B, no dropout)
+    trainable_tokens: bool = False  # model level: trainable_token_indices (new wte rows, used by the tied head too)
     position_ids: bool = False
     padding: bool = False  # attention_mask with padding
     merge: bool = False  # layer level: merge W + s·BA (layer_merge's merged_weight, merged_y)
@@ -84,10 +89,13 @@ class Capabilities:
     merge_and_unload: bool = False  # merge_and_unload(case, folder): a plain GPT-2 checkpoint (HF format)
     dora: bool = False  # DoRA adapters (use_dora) in model_adapters / model_merge / init_adapter
     lora_bias: bool = False  # LoraConfig(lora_bias=True): B has a bias
-    init_methods: frozenset[str] = frozenset()  # init_adapter(case): "true", "gaussian", "false", "pissa", "olora"
+    layer_lora_bias: bool = False  # layer_forward_backward with case.lora_bias_B: returns lora_B_bias (its grad)
+    layer_dora: bool = False  # layer_forward_backward with case.magnitude: detached-norm DoRA, returns magnitude
+    layer_dora_full_norm: bool = False  # the same with case.dora_norm == "full": the norm is differentiated too
+    init_methods: frozenset[str] = frozenset()  # init_adapter: true gaussian false pissa pissa_niter olora orthogonal
     multi_adapter: bool = False  # model_adapters(case): several adapters, an ordered active set, disabled
     mixed_batch: bool = False  # model_adapters(case) with one adapter name per row
-    weighted_combinations: frozenset[str] = frozenset()  # weighted_adapter(case): "cat", "linear", "svd"
+    weighted_combinations: frozenset[str] = frozenset()  # weighted_adapter: cat linear svd ties magnitude_prune (+_svd)
     notes: dict[str, str] = field(default_factory=dict)  # capability name -> why missing / how mapped
 
 
@@ -110,6 +118,10 @@ class LayerCase:
     dy: np.ndarray  # (B, T, out): the upstream gradient; backward computes grads of Σ dy ⊙ y
     dtype: str = "float64"
     seed: int = 0
+    # issue 15.1 (layer.lora_bias.* / layer.dora.*): optional, None in every other layer case
+    lora_bias_B: np.ndarray | None = None  # (out,): lora_bias, the bias of B; branch s·(B A x + b_B)
+    magnitude: np.ndarray | None = None  # (out,): DoRA magnitude m (one full-width branch, no dropout)
+    dora_norm: str = "detached"  # DoRA's norm gradient: "detached" (PEFT's) or "full" (layer_dora_full_norm)
 
     @property
     def qkv_slices(self) -> tuple[str, ...] | None:
@@ -145,6 +157,9 @@ class ModelCase:
     # adapter switching: a second adapter (its own config and tensors) the driver loads next to the first
     second_lora: LoraConfig | None = None
     second_adapter: dict[str, np.ndarray] | None = None
+    # runtime scaling (reflora.scaling): ops applied, in order, to every LoRA layer before the forward pass, each
+    # ("set_scale", adapter, c), ("scale_layer", c) or ("unscale_layer", c or None); () = none
+    scale_ops: tuple[tuple, ...] = ()
 
 
 COMBINED = "combined"  # the name of a weighted combination's new adapter (``weighted_adapter``)
@@ -206,7 +221,11 @@ class Driver(Protocol):
     def layer_forward_backward(self, case: LayerCase) -> dict[str, np.ndarray]:
         """Build the library's LoRA layer from the case, run forward and backward (from ``case.dy``).
         Returns ``y``, ``dx``, ``lora_A``/``lora_B`` (or per slice), ``bias`` if trainable, and
-        ``trainable`` (a list of the result names the library marks trainable) as ``np.array`` of str."""
+        ``trainable`` (a list of the result names the library marks trainable) as ``np.array`` of str.
+        [layer_lora_bias] ``case.lora_bias_B`` (out,) set: B has that bias, y gains s·b_B, and the result adds
+        ``lora_B_bias`` (out,), its gradient (trainable). [layer_dora] ``case.magnitude`` (out,) set: DoRA with that
+        magnitude, eval mode, detached norm (PEFT's); the result adds ``magnitude`` (out,), dm (trainable).
+        [layer_dora_full_norm] ``case.dora_norm == "full"``: the same, the norm ‖W + sBA‖ not detached."""
         ...
 
     def layer_merge(self, case: LayerCase) -> dict[str, np.ndarray]:
@@ -271,7 +290,8 @@ class Driver(Protocol):
 
     def weighted_adapter(self, case: AdaptersCase) -> dict[str, Any]:
         """[weighted_combinations] Add the adapters, combine ``case.combination`` (``names``, ``weights``,
-        ``combination_type``, ``svd_rank``) into a new adapter (named ``COMBINED``). Returns ``{"deltas": {module:
+        ``combination_type``, ``svd_rank``; for the pruning types also ``density`` and
+        ``majority_sign_method``) into a new adapter (named ``COMBINED``). Returns ``{"deltas": {module:
         (out, in)}, "bias_deltas": {module: (out,)}, "logits"}``: its effective ΔW per module (scaling included,
         (out, in) form), its effective bias delta ``s·b_B`` when it has one, and eval logits with the new adapter
         alone active."""

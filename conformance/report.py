@@ -174,6 +174,16 @@ def score_line(report: dict[str, Any]) -> str:
     )
 
 
+def order_line(settings: dict[str, Any]) -> str:
+    """How the features ran (docs/conformance.md "State isolation"): the shuffle seed, to replay the order with
+    ``--feature-seed N``, and whether each feature had a fresh candidate process."""
+    seed = settings.get("feature_seed")
+    order = f"feature order shuffled with seed {seed} (--feature-seed {seed} replays it)"
+    order = "fixed feature order" if seed is None else order
+    fresh = "; a fresh candidate process per feature (--fresh-process)" if settings.get("fresh_process") else ""
+    return order + fresh
+
+
 def render_text(report: dict[str, Any], width: int = 120) -> str:
     """The table (features as rows: layer, model, golden, then advanced) and the score, rendered by rich to text
     with ANSI colours off."""
@@ -200,6 +210,9 @@ def render_text(report: dict[str, Any], width: int = 120) -> str:
     console = Console(file=buffer, width=max(width, 100), force_terminal=False, color_system=None, emoji=False)
     console.print(table)
     console.print(escape(score_line(report)))
+    settings = report.get("settings", {})
+    if settings.get("feature_seed") is not None or settings.get("fresh_process"):
+        console.print(escape(order_line(settings)))
     for test in report["tests"]:
         hint = test.get("hint")
         if hint:

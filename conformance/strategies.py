@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from conformance.features import Feature
 from conformance.protocol import DTYPES, Capabilities
 from reflora.adapters import BASE_ADAPTER
+from reflora.weighted import FACTOR_TYPES, PRUNED_TYPES
 
 MAX_SEED = 2**32 - 1
 # target_modules spellings (PEFT suffix matching): "c_proj" matches attn.c_proj *and* mlp.c_proj.
@@ -74,9 +75,15 @@ def _seed(data) -> int:
 
 
 def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
-    """A single LoRA layer for ``feature`` (variant: forward_backward, rslora, dropout, bias, qkv_slices, merge)."""
+    """A single LoRA layer for ``feature`` (variant: forward_backward, rslora, dropout, bias, qkv_slices, merge,
+    unmerge, merge_square, unmerge_square).
+
+    merge_square / unmerge_square draw in_features == out_features (r still differs from both): the random,
+    asymmetric W, A, B values then catch a delta transposed only where the shapes would let it pass."""
     variant = feature.variant
-    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout, "dtype": _dtype(data, caps)}
+    adapted = variant in ("lora_bias", "dora", "dora_full_norm")  # issue 15.1: float64 / float32 only
+    dtypes = ("float64", "float32") if adapted else DTYPES
+    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout, "dtype": _dtype(data, caps, dtypes)}
     if variant == "qkv_slices":
         width = data.draw(st.integers(2, 6), label="slice_width")  # each of q, k, v is `width` outputs
         out_f = 3 * width
@@ -85,6 +92,10 @@ def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
             st.lists(st.sampled_from(("q", "k", "v")), min_size=1, max_size=3, unique=True), label="qkv_slices"
         )
         forbidden = {in_f, out_f, width}
+    elif variant in ("merge_square", "unmerge_square"):  # the one exception to "never square": in == out
+        in_f = out_f = data.draw(st.integers(2, 12), label="in_features")
+        spec["qkv_slices"] = None
+        forbidden = {in_f}
     else:
         in_f = data.draw(st.integers(2, 12), label="in_features")
         out_f = data.draw(st.integers(2, 12).filter(lambda n: n != in_f), label="out_features")
@@ -116,6 +127,10 @@ def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     spec["batch"] = data.draw(st.integers(1, 3), label="batch")
     spec["seq_len"] = data.draw(st.integers(1, 5), label="seq_len")
     spec["seed"] = _seed(data)
+    if adapted:  # the keys exist only in these specs: cases.build_layer_case draws b_B or m
+        spec["lora_bias" if variant == "lora_bias" else "dora"] = True
+        if variant == "dora_full_norm":
+            spec["dora_norm"] = "full"
     return spec
 
 
@@ -168,6 +183,104 @@ def _lora(
             "target_modules": _targets(data, f"{label}target_modules", must), "use_rslora": rslora}  # fmt: skip
 
 
+# model.targets.patterns_overlap: groups of pattern keys that all match one module of layer 0 (regex keys and
+# anchors included: PEFT matches re.match(rf"(.*\.)?({key})$", name), so "^transformer..." must match the whole
+# name). Two or three keys of one group are drawn in the drawn order, so either one comes first.
+OVERLAP_GROUPS = (
+    ("c_proj", "mlp.c_proj", "h.0.mlp.c_proj", r"h\.\d+\.mlp\.c_(fc|proj)"),
+    ("c_attn", "h.0.attn.c_attn", r"^transformer\.h\.0\..*", r"attn\.c_\w+"),
+    ("c_fc", r"mlp\..*", "h.0.mlp.c_fc", r"transformer\.h\.0\.mlp\.c_fc"),
+)
+# model.targets.exclude: list spellings (equal name or "." + entry suffix) and regexes (fullmatch)
+EXCLUDE_SPELLINGS = ("c_proj", "attn.c_proj", "mlp.c_fc", "c_attn", "h.0.mlp.c_proj", "transformer.h.1.attn.c_attn")
+EXCLUDE_REGEXES = (r"transformer\.h\.0\..*", r".*\.attn\..*", r".*c_(fc|proj)", r".*\.h\.\d+\.mlp\.c_fc", r"c_attn")
+
+
+def _draw_targets_advanced(data, variant: str, caps: Capabilities, gpt2: dict[str, Any], lora: dict) -> None:
+    """Fill ``lora`` in place for the target features: ``patterns_overlap`` (rank_pattern and alpha_pattern with
+    keys that overlap, drawn in either order), ``all_linear`` and ``exclude`` (drawn so that it excludes some but
+    not all of the targeted modules)."""
+    from hypothesis import assume
+
+    from reflora.config import ConfigError, GPT2Config, LoraConfig
+    from reflora.targets import plan_lora
+
+    if variant == "patterns_overlap":
+        lora["target_modules"] = list(ALL_TARGETS)
+        free_ranks = [r for r in range(1, 7) if r not in _dims(gpt2)]  # at least 4 values
+        value_draws = (
+            ("rank_pattern", st.sampled_from(free_ranks)),
+            ("alpha_pattern", st.integers(7, MODEL_MAX_ALPHA)),
+        )
+        for name, values in value_draws:  # pattern alphas > 6 ≥ every r ≥ √r: the scaling is never 1
+            group = data.draw(st.sampled_from(OVERLAP_GROUPS), label=f"{name}_group")
+            keys = data.draw(st.lists(st.sampled_from(group), min_size=2, max_size=3, unique=True),
+                             label=f"{name}_keys (in order)")  # fmt: skip
+            drawn = data.draw(st.lists(values, min_size=len(keys), max_size=len(keys), unique=True),
+                              label=f"{name}_values")  # fmt: skip
+            lora[name] = dict(zip(keys, drawn, strict=True))
+        return
+    if variant == "all_linear":
+        lora["target_modules"] = data.draw(st.sampled_from(("all-linear", "ALL-Linear")), label="target_modules")
+        return
+    if caps.target_modules_all_linear and data.draw(st.booleans(), label="all-linear targets"):
+        lora["target_modules"] = "all-linear"
+    if data.draw(st.booleans(), label="exclude_modules as a regex"):
+        lora["exclude_modules"] = data.draw(st.sampled_from(EXCLUDE_REGEXES), label="exclude_modules (regex)")
+    else:
+        lora["exclude_modules"] = data.draw(st.lists(st.sampled_from(EXCLUDE_SPELLINGS), min_size=1, max_size=2,
+                                                     unique=True), label="exclude_modules")  # fmt: skip
+    config = GPT2Config(**gpt2)
+    fields = {k: v for k, v in lora.items() if k != "exclude_modules"}
+    try:
+        kept = len(plan_lora(config, LoraConfig(**fields, exclude_modules=lora["exclude_modules"])))
+    except ConfigError:
+        kept = 0  # every targeted module excluded (PEFT: "All modules were excluded")
+    assume(0 < kept < len(plan_lora(config, LoraConfig(**fields))))
+
+
+SCALE_FACTORS = (0.5, 2.5, 3.0, -1.5, 0.25)  # runtime scale factors: none is 0 or 1
+
+
+def _draw_scale_ops(data, variant: str) -> list[list]:
+    """Runtime scaling ops (reflora.scaling) whose final multiplier is neither 0 nor 1, so that a candidate
+    that ignores them, or forgets one, fails. ``set_scale``: one to three ``set_scale`` calls (the last one wins;
+    one may name an adapter the model lacks, which is ignored). ``scale_layer``: a ``set_scale`` or not, then
+    ``scale_layer`` / ``unscale_layer(c)`` / ``unscale_layer(None)`` (reset) in any order."""
+    from hypothesis import assume
+
+    from reflora.scaling import runtime_multiplier
+
+    factor = st.sampled_from(SCALE_FACTORS)
+    if variant == "set_scale":
+        op = st.tuples(st.sampled_from(("default", "default", "other")), factor).map(lambda t: ["set_scale", *t])
+        ops = data.draw(st.lists(op, min_size=1, max_size=3), label="scale_ops")
+    else:
+        first = data.draw(
+            st.one_of(st.just([]), factor.map(lambda c: [["set_scale", "default", c]])), label="set_scale"
+        )
+        op = st.one_of(factor.map(lambda c: ["scale_layer", c]), factor.map(lambda c: ["unscale_layer", c]),
+                       st.just(["unscale_layer", None]))  # fmt: skip
+        ops = first + data.draw(st.lists(op, min_size=1, max_size=3), label="scale_ops")
+    m = runtime_multiplier(ops)
+    assume(m != 1.0 and 0.1 <= abs(m) <= 8.0)  # |m| ≤ 8: larger scalings saturate the softmaxes (MODEL_MAX_ALPHA)
+    return ops
+
+
+def _draw_embedding_lora(data, caps: Capabilities, gpt2: dict[str, Any], lora: dict, spec: dict) -> None:
+    """model.embedding.lora: ``wte`` alone or in front of drawn Conv1D targets; with the capabilities, a
+    ``wte`` rank/alpha pattern (its scaling then differs from the Conv1Ds') and dropout in train mode (keep-masks
+    for the Conv1Ds only: PEFT's Embedding LoRA has none)."""
+    alone = data.draw(st.booleans(), label="wte alone")
+    lora["target_modules"] = ["wte"] if alone else ["wte", *lora["target_modules"]]
+    if caps.rank_alpha_pattern and data.draw(st.booleans(), label="wte patterns"):
+        lora["rank_pattern"] = {"wte": _rank(data, _dims(gpt2) | {lora["r"]}, label="wte rank_pattern")}
+        lora["alpha_pattern"] = {"wte": data.draw(st.integers(1, MODEL_MAX_ALPHA), label="wte alpha_pattern")}
+    if caps.dropout_mask_injection and not alone and data.draw(st.booleans(), label="dropout (train mode)"):
+        lora["lora_dropout"] = data.draw(st.sampled_from(DROPOUT_PS), label="lora_dropout")
+        spec["dropout"] = "train"
+
+
 def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
     """GPT-2 + LoRA for ``feature``; see ``conformance.cases.build_model_case`` for how the arrays follow."""
     variant = feature.variant
@@ -176,7 +289,7 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     spec: dict[str, Any] = {"feature": feature.id, "dtype": _dtype(data, caps, MODEL_DTYPES)}
     gpt2 = _gpt2(data, n_layer_min=2 if variant == "layers" else 1)
     rslora = variant == "rslora"
-    if variant in ("adapter_save", "adapter_load") and caps.rslora:
+    if variant in ("adapter_save", "adapter_load", "set_scale", "scale_layer") and caps.rslora:
         rslora = data.draw(st.booleans(), label="use_rslora")
     scaled = caps.lora_alpha and caps.model_lora_alpha
     lora = _lora(data, gpt2, rslora=rslora, must="c_attn" if variant == "qkv" else None, scaled=scaled)
@@ -211,6 +324,17 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
                                 label="alpha_pattern_value")  # fmt: skip
         lora["alpha_pattern"] = {alpha_key: alpha_value}
         lora["target_modules"] = list(ALL_TARGETS)
+    if variant in ("patterns_overlap", "all_linear", "exclude"):
+        _draw_targets_advanced(data, variant, caps, gpt2, lora)
+    if variant in ("set_scale", "scale_layer"):
+        spec["scale_ops"] = _draw_scale_ops(data, variant)
+    if variant == "embedding_lora":
+        _draw_embedding_lora(data, caps, gpt2, lora, spec)
+    if variant == "trainable_tokens":
+        ids = data.draw(st.lists(st.integers(0, gpt2["vocab_size"] - 1), min_size=1, max_size=4, unique=True),
+                        label="trainable_token_indices")  # fmt: skip
+        form = data.draw(st.sampled_from(("list", "wte", "transformer.wte")), label="trainable_token_indices form")
+        lora["trainable_token_indices"] = ids if form == "list" else {form: ids}
     if variant == "qkv":
         lora["qkv_slices"] = data.draw(st.lists(st.sampled_from(("q", "k", "v")), min_size=1, max_size=3, unique=True),
                                        label="qkv_slices")  # fmt: skip
@@ -252,10 +376,15 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
 
 
 def _adapter_lora(data, label: str, *, r=None, alpha=None, dyadic=False, **fields) -> dict[str, Any]:
-    """A LoRA config dict; ``dyadic``: r and lora_alpha powers of two, so that s = α/r is exact in float32."""
+    """A LoRA config dict; ``dyadic``: r and lora_alpha powers of two, so that s = α/r is exact in float32.
+
+    A drawn lora_alpha is never r nor √r: neither α/r nor α/√r (rsLoRA) is then 1, so a candidate that drops
+    the scaling fails (PEFT #2486 hid behind alpha = r). ``alpha`` given by the caller is used as is."""
     ranks, alphas = ((1, 2, 4), (1.0, 2.0, 4.0, 8.0)) if dyadic else ((1, 2, 3, 4), (1.0, 2.0, 3.0, 8.0))
     r = r if r is not None else data.draw(st.sampled_from(ranks), label=f"{label}.r")
-    alpha = alpha if alpha is not None else data.draw(st.sampled_from(alphas), label=f"{label}.lora_alpha")
+    if alpha is None:
+        alphas = tuple(a for a in alphas if a != r and a * a != r)  # scaling ≠ 1 for alpha/r and alpha/√r
+        alpha = data.draw(st.sampled_from(alphas), label=f"{label}.lora_alpha")
     targets = fields.pop("target_modules", None) or data.draw(
         st.lists(st.sampled_from(ADAPTER_MODULES), min_size=1, max_size=4, unique=True), label=f"{label}.target_modules"
     )
@@ -273,7 +402,7 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     n_layer = 2 if v.startswith("init") or v == "dora_init" else data.draw(st.integers(1, 2), label="n_layer")
     spec: dict[str, Any] = {
-        "feature": feature.id, "seed": seed, "dtype": "float32" if v in ("init_pissa", "init_olora") else "float64",
+        "feature": feature.id, "seed": seed, "dtype": "float32" if v in ("init_pissa", "init_olora", "init_orthogonal", "init_pissa_niter") else "float64",
         "gpt2": {"vocab_size": 23, "n_positions": 16, "n_embd": 16 if n_layer == 2 else 8, "n_layer": n_layer,
                  "n_head": 2},
         "batch": data.draw(st.integers(2, 3), label="batch"), "seq_len": data.draw(st.integers(2, 5), label="seq_len"),
@@ -316,39 +445,75 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
         choices = [*adapters, BASE_ADAPTER]
         spec["batch"] = 4
         spec["adapter_names"] = data.draw(st.lists(st.sampled_from(choices), min_size=4, max_size=4), label="rows")
+    elif v == "dora_zero_row":  # a DoRA row of zero norm (PEFT #2049): conformance.cases.zero_norm_row
+        adapters["d"] = _adapter_lora(data, "d", use_dora=True)
+        spec["active"] = ["d"]
+        spec["zero_norm_row"] = {"module": data.draw(st.integers(0, 7), label="zero-norm module"),
+                                 "row": data.draw(st.integers(0, 63), label="zero-norm row")}  # fmt: skip
     elif v == "dora_order":  # the order of docs/advanced-semantics.md D5: the plain adapter first
         adapters["plain"] = _adapter_lora(data, "plain", target_modules=["c_attn"])
         adapters["dora"] = _adapter_lora(data, "dora", target_modules=["c_attn"], use_dora=True)
         spec["active"] = ["plain", "dora"]
     elif v.startswith("init") or v == "dora_init":
         init = {"init_true": True, "dora_init": True, "init_gaussian": "gaussian", "init_false": False,
-                "init_pissa": "pissa", "init_olora": "olora"}[v]  # fmt: skip
-        r = data.draw(st.sampled_from((2, 3, 4)), label="init.r")  # r = 1 would hide std 1/√r vs 1/r
+                "init_pissa": "pissa", "init_olora": "olora", "init_orthogonal": "orthogonal",
+                "init_pissa_niter": "pissa_niter"}[v]  # fmt: skip
+        if init == "pissa_niter":  # randomised PiSSA with K power iterations
+            init = f"pissa_niter_{data.draw(st.sampled_from((0, 1, 2, 4)), label='pissa niter')}"
+        ranks = (2, 4) if init == "orthogonal" else (2, 3, 4)  # orthogonal: even r (PEFT)
+        r = data.draw(st.sampled_from(ranks), label="init.r")  # r = 1 would hide std 1/√r vs 1/r
         spec["init"] = _adapter_lora(data, "init", r=r, target_modules=list(ADAPTER_MODULES), init_lora_weights=init,
                              use_dora=v == "dora_init")  # fmt: skip
         spec["labels"] = False
     elif v.startswith("weighted"):
         spec["labels"] = False
         kind = {"weighted_linear": "linear", "weighted_svd": "svd", "weighted_coefficients": "linear"}.get(v, "cat")
-        dyadic = v in ("weighted_linear", "weighted_svd")
+        kind = v.removeprefix("weighted_") if v.removeprefix("weighted_") in PRUNED_TYPES else kind
+        if v == "weighted_patterns":  # sources with rank_pattern / alpha_pattern (PEFT #2512)
+            kind = data.draw(st.sampled_from(("cat", "svd")), label="combination_type")
+        dyadic = v in ("weighted_linear", "weighted_svd") or kind in PRUNED_TYPES
         extra = {"use_rslora": True} if v == "weighted_rslora" else {}
         extra.update({"lora_bias": True} if v == "weighted_lora_bias" else {})
         n = data.draw(st.integers(2, 3), label="n_sources")  # one source is always combined linearly (PEFT)
-        r = data.draw(st.sampled_from((1, 2, 4)), label="shared r") if kind == "linear" else None
+        r = data.draw(st.sampled_from((1, 2, 4)), label="shared r") if kind in FACTOR_TYPES else None
         alpha = 3.0 if v == "weighted_coefficients" else None
         for i in range(n):
             adapters[f"s{i}"] = _adapter_lora(data, f"s{i}", r=2 if alpha else r, alpha=alpha, dyadic=dyadic, **extra)
+            if v == "weighted_patterns":
+                _weighted_source_patterns(data, f"s{i}", adapters[f"s{i}"])
         weights = []
         for i, lora in enumerate(adapters.values()):
-            if dyadic:  # w·s = ±c², so √|w·s| (linear) and w (svd) are exact in float32: D6 cannot show
+            if v == "weighted_patterns":  # float32-exact w: svd's coefficients are w (D6 cannot show)
+                weights.append(data.draw(st.sampled_from((0.5, -0.75, 1.25, 2.0)), label=f"w{i}"))
+            elif dyadic:  # w·s = ±c², so √|w·s| (linear) and w (svd) are exact in float32: D6 cannot show
                 c = data.draw(st.sampled_from((0.5, 1.0, 1.5, 2.0)), label=f"w{i} root")
                 sign = data.draw(st.sampled_from((1.0, -1.0)), label=f"w{i} sign")
                 weights.append(sign * c * c * lora["r"] / lora["lora_alpha"])
             else:
                 weights.append(data.draw(st.sampled_from((0.3, 0.8, -0.7, 1.0, 1.3)), label=f"w{i}"))
-        svd_rank = data.draw(st.sampled_from((None, 1, 2)), label="svd_rank") if kind == "svd" else None
+        svd_rank = data.draw(st.sampled_from((None, 1, 2)), label="svd_rank") if kind.endswith("svd") else None
         spec["combination"] = {"names": list(adapters), "weights": weights, "combination_type": kind,
                                "svd_rank": svd_rank}  # fmt: skip
+        if kind in PRUNED_TYPES:  # density < 1 prunes; ≥ 1 keeps all (PEFT warns)
+            spec["combination"]["density"] = data.draw(st.sampled_from((0.2, 0.5, 0.7, 1.0)), label="density")
+            spec["combination"]["majority_sign_method"] = data.draw(st.sampled_from(("total", "frequency")),
+                                                                    label="majority_sign_method")  # fmt: skip
     else:
         raise ValueError(f"unknown advanced variant {v!r}")
     return spec
+
+
+# keys of a weighted source's patterns: one module (h.0...), a kind by full name, a bare kind (suffix match)
+WEIGHTED_PATTERN_KEYS = ("h.0.attn.c_attn", "h.0.mlp.c_fc", "attn.c_proj", "mlp.c_proj", "c_fc", "c_attn")
+
+
+def _weighted_source_patterns(data, label: str, lora: dict[str, Any]) -> None:
+    """Give a weighted source (``lora``, in place) a one-key ``rank_pattern`` and a one-key ``alpha_pattern``
+    whose values differ from ``r`` / ``lora_alpha``: per-module ranks and scalings that the combination must
+    use (PEFT #2512 combined such sources with the adapter's global r)."""
+    key = data.draw(st.sampled_from(WEIGHTED_PATTERN_KEYS), label=f"{label}.rank_pattern key")
+    lora["rank_pattern"] = {key: data.draw(st.sampled_from([k for k in (1, 2, 3, 5) if k != lora["r"]]),
+                                           label=f"{label}.rank_pattern value")}  # fmt: skip
+    key = data.draw(st.sampled_from(WEIGHTED_PATTERN_KEYS), label=f"{label}.alpha_pattern key")
+    lora["alpha_pattern"] = {key: data.draw(st.sampled_from([a for a in (1.0, 3.0, 6.0, 10.0) if a != lora["lora_alpha"]]),
+                                            label=f"{label}.alpha_pattern value")}  # fmt: skip

@@ -79,6 +79,8 @@ class Suite:
     max_examples: int | None = None
     deviations_path: str | None = None
     golden_dir: str | None = None
+    fresh_process: bool = False  # a fresh candidate worker per feature (Suite.isolate)
+    feature_seed: int | None = None  # the seed of the shuffled feature order; None: the fixed order
     records: dict[str, TestRecord] = field(default_factory=dict)
     fixture_sha256: dict[str, str] = field(default_factory=dict)  # fixture path -> the manifest's sha256
     started: float = field(default_factory=time.time)
@@ -99,6 +101,17 @@ class Suite:
         info = getattr(self, "info", None) or {}
         return replay_prefix(self.candidate, info.get("import_root"))
 
+    def isolate(self, feature_id: str) -> None:
+        """``--fresh-process``: before the first driver call of a feature other than the one the current worker
+        served, end the worker and start a fresh one, so that no feature sees the state another feature left in
+        the candidate's process (the first feature gets the worker ``start`` made, which ran only versions() and
+        capabilities). The golden replays are one feature (``golden.replay``): they share a worker."""
+        served = self.__dict__.get("_served")
+        if self.fresh_process and served is not None and served != feature_id:
+            self.runner.close()
+            self.runner = make_runner(self.candidate, self.isolation, self.timeout)
+        self._served = feature_id
+
     def close(self) -> None:
         runner = getattr(self, "runner", None)
         if runner is not None:
@@ -115,6 +128,8 @@ class Suite:
             "derandomize": profile.derandomize,
             "shrink": profile.shrink,
             "isolation": self.isolation,
+            "fresh_process": self.fresh_process,
+            "feature_seed": self.feature_seed,
             "timeout_s": self.timeout,
             "deviations_file": self.deviations_path,
             "golden_dir": self.golden_dir,
@@ -141,6 +156,7 @@ class Suite:
             pytest.skip(NOT_SUPPORTED + reason)
 
     def check(self, spec: dict[str, Any], record: TestRecord, redraw_refused: bool = False) -> None:
+        self.isolate(record.feature)
         try:
             result = run_check(spec, self.runner.call)
         except NotSupported as exc:  # the driver refused this case at run time

@@ -117,7 +117,7 @@ _GPT2_REQUIRED_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_INIT_VALUES = (True, False, "gaussian", "pissa", "olora")
+LORA_INIT_VALUES = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 QKV_SLICE_NAMES = ("q", "k", "v")
 
 
@@ -146,7 +146,7 @@ class LoraConfig:
     use_rslora: bool = False
     bias: str = "none"
     layers_to_transform: tuple[int, ...] | int | None = None
-    layers_pattern: str | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
@@ -154,8 +154,12 @@ class LoraConfig:
     qkv_slices: tuple[str, ...] | None = None
     use_dora: bool = False
     lora_bias: bool = False
+    exclude_modules: tuple[str, ...] | str | None = None  # targets: see _check_targets
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None  # see _check_tokens
 
     def __post_init__(self) -> None:
+        self._check_targets()
+        self._check_tokens()
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.layers_to_transform, list):
@@ -176,7 +180,7 @@ class LoraConfig:
                 raise ConfigError(f"lora.target_modules must be a non-empty list of names or a regex, got {tm!r}")
         if isinstance(tm, str):
             try:
-                re.compile(tm)
+                re.compile(tm)  # "all-linear" compiles too; reflora.targets reads it as PEFT's shorthand
             except re.error as exc:
                 raise ConfigError(f"lora.target_modules is not a valid regex ({exc}): {tm!r}") from None
             if self.layers_to_transform is not None:
@@ -188,11 +192,20 @@ class LoraConfig:
             items = (ltt,) if isinstance(ltt, int) else ltt
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
                 raise ConfigError(f"lora.layers_to_transform must be a layer index or a list of them, got {ltt!r}")
-        if self.layers_pattern is not None:
-            if self.layers_to_transform is None:
+        if isinstance(self.layers_pattern, list):
+            object.__setattr__(self, "layers_pattern", tuple(self.layers_pattern))
+        if self.layers_pattern is not None:  # PEFT: a name, or a list of names, each a regex (reflora.targets)
+            lp = self.layers_pattern
+            names = (lp,) if isinstance(lp, str) else lp
+            if not isinstance(names, tuple) or not all(isinstance(p, str) for p in names):
+                raise ConfigError(f"lora.layers_pattern must be a name, a list of names or null, got {lp!r}")
+            for p in names:
+                try:
+                    re.compile(p)
+                except re.error as exc:
+                    raise ConfigError(f"lora.layers_pattern entry {p!r} is not a valid regex ({exc})") from None
+            if lp and self.layers_to_transform is None:
                 raise ConfigError("lora.layers_pattern is set, so lora.layers_to_transform must be set too")
-            if self.layers_pattern != "h":
-                raise ConfigError(f"lora.layers_pattern={self.layers_pattern!r} matches no GPT-2 layer list; use 'h'")
         for key, value in self.rank_pattern.items():
             _check_rank(f"lora.rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -200,11 +213,16 @@ class LoraConfig:
         if not isinstance(self.fan_in_fan_out, bool):
             raise ConfigError(f"lora.fan_in_fan_out must be true or false, got {self.fan_in_fan_out!r}")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or (isinstance(init, str) and init in LORA_INIT_VALUES)):
+        niter = isinstance(init, str) and re.fullmatch(r"pissa_niter_[0-9]+", init) is not None  # randomised PiSSA
+        if not (isinstance(init, bool) or niter or (isinstance(init, str) and init in LORA_INIT_VALUES)):
             raise ConfigError(
                 f"lora.init_lora_weights={self.init_lora_weights!r} is not supported; "
-                "use true, false, 'gaussian', 'pissa' or 'olora'"
+                "use true, false, 'gaussian', 'pissa', 'pissa_niter_K' (K ≥ 0), 'olora' or 'orthogonal'"
             )
+        if init == "orthogonal":  # PEFT's orthogonal_init splits an r×r orthogonal matrix into halves
+            odd = {k: v for k, v in {"r": self.r, **self.rank_pattern}.items() if v % 2}
+            if odd:
+                raise ConfigError(f"lora.init_lora_weights='orthogonal' needs even ranks (as in PEFT), got {odd}")
         for name in ("use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"lora.{name} must be true or false, got {getattr(self, name)!r}")
@@ -224,6 +242,43 @@ class LoraConfig:
                 raise ConfigError(f"lora.qkv_slices must be a non-empty subset of ['q', 'k', 'v'], got {list(qs)!r}")
             object.__setattr__(self, "qkv_slices", tuple(s for s in QKV_SLICE_NAMES if s in qs))
 
+    def _check_targets(self) -> None:
+        """``exclude_modules`` (PEFT 0.21 ``check_target_module_exists``, checked before ``target_modules``):
+        a list (a module is excluded if its name equals an entry or ends with ``"." + entry``) or a string
+        (a regex, ``re.fullmatch`` against the module name). ``target_modules="all-linear"`` (any case) is
+        PEFT's shorthand for every ``nn.Linear``/``Conv1D`` except the output layer (reflora.targets)."""
+        ex = self.exclude_modules
+        if isinstance(ex, (list, set, frozenset)):
+            ex = tuple(sorted(ex)) if isinstance(ex, (set, frozenset)) else tuple(ex)
+            object.__setattr__(self, "exclude_modules", ex)
+        if isinstance(ex, str):
+            try:
+                re.compile(ex)
+            except re.error as exc:
+                raise ConfigError(f"lora.exclude_modules is not a valid regex ({exc}): {ex!r}") from None
+        elif ex is not None and not (isinstance(ex, tuple) and all(isinstance(t, str) and t for t in ex)):
+            raise ConfigError(f"lora.exclude_modules must be a list of names, a regex or null, got {ex!r}")
+
+    def _check_tokens(self) -> None:
+        """``trainable_token_indices`` (PEFT 0.21 TrainableTokens, on GPT-2's tied ``wte``): a list of distinct
+        token ids, or ``{"wte": [...]}`` (a key naming ``transformer.wte`` by suffix). reflora.targets resolves it."""
+        tti = self.trainable_token_indices
+        if tti is None:
+            return
+        items = tti.items() if isinstance(tti, dict) else [(None, tti)]
+        out = {}
+        for key, ids in items:
+            where = "lora.trainable_token_indices" + ("" if key is None else f"[{key!r}]")
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ConfigError(f"{where} must be a non-empty list of token ids, got {ids!r}")
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"{where} must hold token ids (integers >= 0), got {list(ids)!r}")
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"{where} repeats a token id ({list(ids)!r}); PEFT's index_copy keeps one of "
+                                  "the repeated rows, reflora refuses it")  # fmt: skip
+            out[key] = tuple(ids)
+        object.__setattr__(self, "trainable_token_indices", out[None] if None in out else out)
+
     def scaling(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA (PEFT ``LoraLayer.update_layer``)."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -231,9 +286,17 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every field, as JSON values (tuples become lists)."""
         out = dataclasses.asdict(self)
-        for key in ("target_modules", "layers_to_transform", "qkv_slices"):
+        for key in ("target_modules", "layers_to_transform", "layers_pattern", "qkv_slices", "exclude_modules"):
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
+        tti = out["trainable_token_indices"]
+        if tti is not None:
+            out["trainable_token_indices"] = (
+                {k: list(v) for k, v in tti.items()} if isinstance(tti, dict) else list(tti)
+            )
+        for key, default in _ADDITIVE_LORA_DEFAULTS.items():  # newer fields: left out at their default,
+            if key in out and out[key] == default:  # so older specs and manifests keep their bytes
+                del out[key]
         return out
 
     def to_peft_dict(self) -> dict[str, Any]:
@@ -287,12 +350,22 @@ _PEFT_BOOKKEEPING_FIELDS = frozenset(
 )  # fmt: skip
 # PEFT fields for features reflora does not implement, with the default value PEFT writes.
 _PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "exclude_modules": None, "modules_to_save": None, "megatron_config": None, "trainable_token_indices": None,
+    "modules_to_save": None, "megatron_config": None,
     "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
 }  # fmt: skip
+# LoraConfig fields added after the golden corpus existed: ``to_dict`` leaves them out at these defaults.
+_ADDITIVE_LORA_DEFAULTS: dict[str, Any] = {"exclude_modules": None, "trainable_token_indices": None}
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, compared case-insensitively
+
+
+def is_all_linear(target_modules: Any) -> bool:
+    """PEFT ``_maybe_include_all_linear_layers``: ``target_modules`` is the string ``"all-linear"`` in any case."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
 _NONE_IS_DEFAULT = frozenset({"loftq_config", "use_qalora", "ensure_weight_tying"})
 
 

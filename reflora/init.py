@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from reflora.config import GPT2Config
-from reflora.lora_init import draw_lora_bias, draw_lora_factors
-from reflora.targets import LoraModule, base_shapes
+from reflora.lora_init import draw_embedding_factors, draw_lora_bias, draw_lora_factors
+from reflora.targets import EMBEDDING_KIND, LoraModule, base_shapes, dropout_plan
 
 LORA_INITS = ("test", True, False, "gaussian")
 
@@ -39,12 +39,23 @@ def init_lora_adapter(
         transposed, missing or mis-scaled delta cannot hide.
       * ``True`` (PEFT's default): A ~ U(±1/√in) (kaiming-uniform with a = √5), B = 0.
       * ``"gaussian"``: A ~ N(0, (1/r)²), B = 0.
+      * On ``wte`` (PEFT's Embedding) ``True`` and ``False`` are ``draw_embedding_factors``'.
+      * Trainable tokens (``trainable_tokens_delta``): ``"test"`` draws the new rows ~ N(0, 1); PEFT's start
+        (the base rows) needs the weights: reflora.lora_init.init_adapter.
       * ``False``: A ~ U(±1/√in), B ~ U(±1/√r) (``nn.Linear``'s own init), the same law as ``"test"``.
     """
     if init not in LORA_INITS:
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
     adapter = {}
     for module in plan.values():  # the order of adapter_shapes: per branch A, B, then b_B
+        if module.tokens_key is not None:  # trainable tokens: the new rows (PEFT's True starts them at W's rows)
+            if init is True:
+                raise ValueError(f"{module.tokens_key}: PEFT starts the new rows at the base rows of wte, which this "
+                                 "weight-free init does not have; use reflora.lora_init.init_adapter")  # fmt: skip
+            adapter[module.tokens_key] = rng.standard_normal((len(module.token_indices), module.out_features)).astype(
+                dtype
+            )
+            continue
         if module.magnitude_key is not None:
             raise ValueError(
                 f"{module.magnitude_key}: DoRA's magnitude starts at the row norms of the base weight, which this "
@@ -52,7 +63,10 @@ def init_lora_adapter(
             )
         for branch in module.branches:
             n_out = branch.out_stop - branch.out_start
-            A, B = draw_lora_factors(init, module.r, module.in_features, n_out, rng)
+            if module.kind == EMBEDDING_KIND and init in (True, False):
+                A, B = draw_embedding_factors(init, module.r, module.in_features, n_out, rng)
+            else:
+                A, B = draw_lora_factors(init, module.r, module.in_features, n_out, rng)
             adapter[branch.a_key], adapter[branch.b_key] = A.astype(dtype), B.astype(dtype)
             if branch.bias_key is not None:
                 adapter[branch.bias_key] = draw_lora_bias(init, module.r, n_out, rng).astype(dtype)
@@ -64,5 +78,6 @@ def draw_dropout_masks(
 ) -> dict[str, np.ndarray]:
     """One keep-mask per targeted module, (B, T, in) of 0/1, each entry kept with probability 1 − p."""
     return {
-        name: (rng.random((batch, seq_len, module.in_features)) >= p).astype(dtype) for name, module in plan.items()
+        name: (rng.random((batch, seq_len, module.in_features)) >= p).astype(dtype)
+        for name, module in dropout_plan(plan).items()
     }

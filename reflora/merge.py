@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from reflora.backend import Array, namespace
 from reflora.config import GPT2Config, LoraConfig
-from reflora.ops.dora_linear import dora_weight, dora_weight_norm
+from reflora.ops.dora_linear import dora_factor, dora_weight, dora_weight_norm
 from reflora.ops.linear import weight_t
 from reflora.ops.lora_linear import LoraBranchWeights, lora_delta_bias, lora_delta_weight
 from reflora.targets import LoraModule, base_shapes, plan_lora
@@ -83,10 +83,11 @@ def dora_norm(weight: Array, branch: LoraBranchWeights, layout: str = "conv1d") 
 def dora_delta_weight(
     weight: Array, branch: LoraBranchWeights, magnitude: Array, layout: str = "conv1d", norm: Array | None = None
 ) -> Array:
-    """ΔW = c ⊙ (Wt + s·B A) − Wt with c = m / n, in the weight's layout. ``norm`` defaults to ``dora_norm``."""
+    """ΔW = c ⊙ (Wt + s·B A) − Wt with c = m / n (``dora_factor``: 0 on a zero-norm row, whose merged row is
+    then 0), in the weight's layout. ``norm`` defaults to ``dora_norm``."""
     xp = namespace(weight, branch.A, magnitude)
     V, n = dora_weight(weight, branch.A, branch.B, branch.scaling, layout)  # (out, in), (out,)
-    factor = xp.reshape(magnitude / (n if norm is None else norm), (-1, 1))  # (out, 1)
+    factor = xp.reshape(dora_factor(magnitude, n if norm is None else norm), (-1, 1))  # (out, 1)
     return weight_t(factor * V - weight_t(weight, layout), layout)
 
 
@@ -164,6 +165,9 @@ def _check_sources(params, config: GPT2Config, adapters, names: list[str]) -> No
         entry = adapters[name]
         if not isinstance(entry, tuple) or len(entry) != 2:
             raise MergeError(f"adapters[{name!r}] must be a (LoraConfig, tensors) pair")
+        if entry[0].trainable_token_indices is not None:
+            raise MergeError(f"adapters[{name!r}]: reflora does not merge trainable_token_indices (PEFT's "
+                             "TrainableTokens merge writes the new rows into wte and keeps the originals)")  # fmt: skip
         try:
             check_adapter(entry[1], entry[0], config, dtype, where=f"adapters[{name!r}]")
         except InputError as exc:
@@ -208,7 +212,7 @@ def unmerge_adapters(
                 n = norms.get(name, {}).get(module_name)
                 if n is None:
                     raise MergeError(f"the MergeRecord has no DoRA norm for adapter {name!r}, module {module_name}")
-                factor = tensors[module.magnitude_key] / n  # (out,) c
+                factor = dora_factor(tensors[module.magnitude_key], n)  # (out,) c
                 part = lora_delta_weight(branches, module.out_features) * xp.reshape(factor, (1, -1))  # c ⊙ s B A
                 gamma[key] = gamma.get(key, 1.0) + (factor - 1.0)
             else:

@@ -3,6 +3,7 @@
 The model is HF ``GPT2LMHeadModel`` with its own dropouts off (pre-LN blocks, tied head):
 
     x  = wte[ids] + wpe[pos]                                  (B, T, C); or x = inputs_embeds + wpe[pos]
+         (+ s·Aᵀ[ids] Bᵀ with LoRA on wte, reflora.ops.lora_embedding; the head keeps the base wte)
     for each block i:
         x = x + c_proj(attention(c_attn(ln_1(x))))            every c_* is a Conv1D with adapters
         x = x + mlp.c_proj(gelu(c_fc(ln_2(x))))
@@ -43,8 +44,18 @@ from reflora.ops import (
     gelu_forward,
     layernorm_backward,
     layernorm_forward,
+    lora_embedding_backward,
+    lora_embedding_forward,
 )
-from reflora.targets import adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
+from reflora.targets import (
+    ADAPTER_PREFIX,
+    EMBEDDING_MODULE,
+    TOKENS_MODULE,
+    adapter_shapes,
+    base_shapes,
+    plan_lora,
+    trainable_bias_keys,
+)
 from reflora.validate import (
     INPUTS_EMBEDS,
     InputError,
@@ -125,9 +136,11 @@ def gpt2_forward(
         position_ids = xp.reshape(xp.arange(seq_len), (1, seq_len))
     if attention_mask is None:
         attention_mask = xp.ones((batch, seq_len), dtype=xp.int64)
-    wte_cache = None
+    wte_cache, wte_lora_caches = None, []
+    wte, tokens_slot = _trainable_tokens_weight(params["transformer.wte.weight"], slots)  # W' (V, C): lookup and head
     if inputs_embeds is None:
-        tokens, wte_cache = embedding_forward(input_ids, params["transformer.wte.weight"])  # (B, T, C)
+        tokens, wte_cache = embedding_forward(input_ids, wte)  # (B, T, C)
+        tokens, wte_lora_caches = _wte_lora_forward(tokens, input_ids, slots, rows, batch, seq_len)
     else:
         tokens = inputs_embeds
     positions, wpe_cache = embedding_forward(position_ids, params["transformer.wpe.weight"])  # (B or 1, T, C)
@@ -152,10 +165,11 @@ def gpt2_forward(
             (ln1_cache, c_attn_cache, att_cache, c_proj_cache, ln2_cache, fc_cache, gelu_cache, mlp_proj_cache)
         )
     hf, lnf_cache = layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"], eps)
-    logits = xp.reshape(xp.matmul(hf, xp.matrix_transpose(params["transformer.wte.weight"])), (batch, seq_len, -1))
+    logits = xp.reshape(xp.matmul(hf, xp.matrix_transpose(wte)), (batch, seq_len, -1))
     cache = {
         "config": config, "params": params, "slots": slots, "dora_norm_gradient": dora_norm_gradient,
-        "wte_cache": wte_cache, "wpe_cache": wpe_cache, "shape": (batch, seq_len),
+        "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache, "wte": wte,
+        "tokens_slot": tokens_slot, "shape": (batch, seq_len),
         "layers": layers, "hf": hf, "lnf_cache": lnf_cache,
     }  # fmt: skip
     return logits, cache
@@ -188,14 +202,16 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
         grads.update(module_grads)
         return dh  # None when nothing below this op is wanted
 
-    # tied head: logits = h_f wteᵀ
+    # tied head: logits = h_f W'ᵀ (W' = wte, or wte with the trainable token rows replaced)
     dlogits2 = xp.reshape(dlogits, (n, config.vocab_size))  # (N, V)
-    if "transformer.wte.weight" in wanted:
+    tokens_key = _tokens_key(cache["tokens_slot"])
+    wte_wanted = "transformer.wte.weight" in wanted or tokens_key in wanted
+    if wte_wanted:
         grads["transformer.wte.weight"] = xp.matmul(xp.matrix_transpose(dlogits2), cache["hf"])  # (V, C)
     ln_f_position = _OPS_PER_BLOCK * config.n_layer  # ln_f sits above every block
     if lowest > ln_f_position:  # nothing below the head is wanted
         return {key: grads[key] for key in wanted}
-    dhf = xp.matmul(dlogits2, params["transformer.wte.weight"])  # (N, C)
+    dhf = xp.matmul(dlogits2, cache["wte"])  # (N, C)
     dx = norm_backward(dhf, cache["lnf_cache"], "transformer.ln_f")
     if lowest == ln_f_position:
         return {key: grads[key] for key in wanted}
@@ -235,14 +251,21 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
         dembeds = xp.reshape(dx, (batch, seq_len, c))  # (B, T, C)
         if INPUTS_EMBEDS in wanted:
             grads[INPUTS_EMBEDS] = dembeds
+        grads.update(_wte_lora_backward(dembeds, cache["wte_lora_caches"], wanted))
         if "transformer.wpe.weight" in wanted:
             shared = cache["wpe_cache"][0].shape[0] != batch  # (1, T) positions are shared: sum the rows first
             dpos = xp.sum(dembeds, axis=0, keepdims=True) if shared else dembeds
             grads["transformer.wpe.weight"] = embedding_backward(dpos, cache["wpe_cache"])
-        if "transformer.wte.weight" in wanted:
-            if cache["wte_cache"] is None:
-                raise InputError("the gradient of transformer.wte.weight needs input_ids, not inputs_embeds")
+        if wte_wanted and cache["wte_cache"] is not None:
             grads["transformer.wte.weight"] += embedding_backward(dembeds, cache["wte_cache"])
+        elif "transformer.wte.weight" in wanted:
+            raise InputError("the gradient of transformer.wte.weight needs input_ids, not inputs_embeds")
+    if tokens_key is not None and wte_wanted:  # dW' split: the replaced rows go to the new rows, the rest to W
+        module = cache["tokens_slot"].plan[TOKENS_MODULE]
+        index = xp.asarray(module.token_indices)
+        d_wte = grads["transformer.wte.weight"]
+        grads[tokens_key] = xp.take(d_wte, index, axis=0)  # (K, C)
+        d_wte[index, :] = 0  # W's replaced rows reach neither the lookup nor the head
     return {key: grads[key] for key in wanted}
 
 
@@ -291,12 +314,72 @@ def adapter_trainable_keys(
 # ----------------------------------------------------------------------------------------------
 
 
+def _trainable_tokens_weight(wte: Array, slots) -> tuple[Array, Any]:
+    """PEFT ``trainable_token_indices``: W' (V, C) = wte with rows ``token_indices`` replaced by the adapter's
+    ``trainable_tokens_delta`` (K, C) (the new rows themselves), used by the lookup *and* the tied head; and the
+    slot that holds them (None: W' = wte). One adapter only (``adapter=``): several are refused."""
+    owners = [slot for slot in slots if TOKENS_MODULE in slot.plan]
+    if not owners:
+        return wte, None
+    if len(slots) > 1 or owners[0].rows is not None:
+        raise InputError("trainable_token_indices is supported with one adapter (adapter=, lora=) only")
+    (slot,) = owners
+    module = slot.plan[TOKENS_MODULE]
+    xp = namespace(wte)
+    out = xp.asarray(wte, copy=True)
+    out[xp.asarray(module.token_indices), :] = slot.tensors[module.tokens_key]
+    return out, slot
+
+
+def _tokens_key(slot) -> str | None:
+    return None if slot is None else slot.key_prefix + slot.plan[TOKENS_MODULE].tokens_key
+
+
+def _wte_lora_forward(
+    tokens: Array, input_ids: Array, slots, rows: Mapping[str, Array], batch: int, seq_len: int
+) -> tuple[Array, list]:
+    """LoRA on ``wte`` (PEFT ``lora.Embedding``): tokens (B, T, C) + Σ_a R_a ⊙ s_a Aᵀ_a[ids] B_aᵀ over the
+    adapters that target ``transformer.wte`` (reflora.ops.lora_embedding; R_a (N, 1) in a mixed batch, as
+    (B, T, 1) here). No dropout. Only the lookup changes: the tied head keeps the base ``wte.weight``."""
+    caches = []
+    for slot in slots:
+        module = slot.plan.get(EMBEDDING_MODULE)
+        if module is None:
+            continue
+        (branch,) = module.branches
+        A, B = slot.tensors[branch.a_key], slot.tensors[branch.b_key]
+        delta, op_cache = lora_embedding_forward(input_ids, A, B, module.scaling)  # (B, T, C)
+        row = rows.get(slot.name)
+        if row is not None:
+            row = namespace(row).reshape(row, (batch, seq_len, 1))
+            delta = delta * row
+        tokens = tokens + delta
+        caches.append((slot, branch, module.scaling, row, op_cache))
+    return tokens, caches
+
+
+def _wte_lora_backward(dembeds: Array, caches: list, wanted: set[str]) -> dict[str, Array]:
+    """dembeds (B, T, C) -> {qualified lora_embedding_A / _B key: gradient} for the wanted ones."""
+    grads = {}
+    for slot, branch, scaling, row, op_cache in caches:
+        a_key, b_key = slot.key_prefix + branch.a_key, slot.key_prefix + branch.b_key
+        if a_key not in wanted and b_key not in wanted:
+            continue
+        g = dembeds if row is None else dembeds * row
+        A, B = slot.tensors[branch.a_key], slot.tensors[branch.b_key]
+        dA, dB = lora_embedding_backward(g, op_cache, A, B, scaling)
+        grads.update({k: v for k, v in ((a_key, dA), (b_key, dB)) if k in wanted})
+    return grads
+
+
 def _lowest_op_needed(wanted: set[str], n_layer: int) -> int:
     """The lowest op position whose parameters are wanted: -1 for the embeddings, 6·i + op inside block i,
     6·n_layer for ln_f, and a huge number when nothing is wanted."""
     lowest = 10**9
     for key in wanted:
         if key in (INPUTS_EMBEDS, "transformer.wpe.weight", "transformer.wte.weight"):
+            return -1
+        if split_key(key)[1].startswith(ADAPTER_PREFIX + EMBEDDING_MODULE + "."):  # LoRA on wte
             return -1
         if key.startswith("transformer.ln_f."):
             lowest = min(lowest, _OPS_PER_BLOCK * n_layer)

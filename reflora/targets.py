@@ -7,7 +7,10 @@ applied to the module names of transformers' ``GPT2LMHeadModel``:
   So ``["c_attn", "c_proj"]`` matches ``attn.c_attn``, ``attn.c_proj`` *and* ``mlp.c_proj``.
 * ``target_modules`` as a string: ``re.fullmatch(target_modules, name)``.
 * ``layers_to_transform`` (list targets only): keep modules whose ``h.<i>`` index is listed.
-* ``rank_pattern`` / ``alpha_pattern``: the first key with ``re.match(rf"(.*\\.)?({key})$", name)`` wins.
+* ``target_modules="all-linear"`` (any case): every Conv1D of every block (``linear_module_names``); the
+  ``lm_head`` output layer is left out, as PEFT leaves out ``get_output_embeddings()``.
+* ``exclude_modules`` (checked first): a list (equal name or ``"." + entry`` suffix) or a regex (fullmatch).
+* ``rank_pattern`` / ``alpha_pattern``: the first key (in the dict's order) with ``re.match(rf"(.*\\.)?({key})$", name)`` wins.
 * A spec that matches no module, or a module reflora cannot adapt (only the four Conv1D kinds are LoRA
   targets here), is an error.
 
@@ -21,10 +24,11 @@ without ``.weight`` (``LoraModel._get_adapter_state_dict``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from reflora.config import ConfigError, GPT2Config, LoraConfig
+from reflora.config import ConfigError, GPT2Config, LoraConfig, is_all_linear
 
 ADAPTER_PREFIX = "base_model.model."
 LORA_MODULE_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -55,6 +59,8 @@ class LoraModule:
     scaling: float
     branches: tuple[LoraBranch, ...]
     magnitude_key: str | None = None  # use_dora: adapter key of the magnitude m, shape (out_features,)
+    token_indices: tuple[int, ...] | None = None  # trainable tokens (kind "tokens"): the replaced rows of wte
+    tokens_key: str | None = None  # trainable tokens: adapter key of the new rows, shape (len(token_indices), C)
 
 
 def module_names(config: GPT2Config) -> list[str]:
@@ -74,8 +80,45 @@ def conv1d_shape(config: GPT2Config, kind: str) -> tuple[int, int]:
     return {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, inner), "mlp.c_proj": (inner, c)}[kind]
 
 
-def _target_matches(lora: LoraConfig, name: str) -> bool:
+def linear_module_names(config: GPT2Config) -> list[str]:
+    """PEFT's ``target_modules="all-linear"`` on ``GPT2LMHeadModel``: every ``nn.Linear`` or ``Conv1D`` module,
+    minus the output embedding (``get_output_embeddings()``, the ``lm_head`` Linear tied to ``wte``). On GPT-2
+    that is the four Conv1D kinds of every block, in model order; ``wte``/``wpe`` are Embeddings, not linear."""
+    return [n for n in module_names(config) if n.count(".") == 4 and ".".join(n.split(".")[-2:]) in LORA_MODULE_KINDS]
+
+
+def excluded(lora: LoraConfig, name: str) -> bool:
+    """PEFT ``check_target_module_exists``' first test: a string ``exclude_modules`` is ``re.fullmatch``-ed
+    against the name; a list excludes a name equal to an entry or ending with ``"." + entry``."""
+    ex = lora.exclude_modules
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return name in ex or any(name.endswith("." + e) for e in ex)
+
+
+def layer_index_match(layers_pattern, name: str) -> re.Match | None:
+    """PEFT ``check_target_module_exists``' layer index of a module, group ``idx``. No (or an empty)
+    ``layers_pattern``: the first ``"<something>.<digits>."`` component, ``re.match(r".*?\\.[^.]*\\.(?P<idx>\\d+)\\.")``
+    (``h.<i>`` on GPT-2). Else each pattern in order (a string is a list of one), a regex:
+    ``re.match(rf"(?:^|.*?\\.){pattern}\\.(?P<idx>\\d+)\\.", name)``; the first that matches gives the index. A pattern
+    that names no layer list (``"layers"``) matches nothing, so nothing is targeted."""
+    if not layers_pattern:
+        return re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    for pattern in (layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if match is not None:
+            return match
+    return None
+
+
+def _target_matches(lora: LoraConfig, name: str, linear: frozenset[str] = frozenset()) -> bool:
     targets = lora.target_modules if lora.target_modules is not None else ("c_attn",)
+    if excluded(lora, name):
+        return False
+    if is_all_linear(targets):  # PEFT replaces the shorthand by the set of full names: exact matches
+        return name in linear
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     if name in targets:
@@ -84,8 +127,7 @@ def _target_matches(lora: LoraConfig, name: str) -> bool:
         return False
     if lora.layers_to_transform is None:
         return True
-    # PEFT's default layer regex takes the first "<something>.<digits>." component: h.<i>.
-    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    match = layer_index_match(lora.layers_pattern, name)
     if match is None:
         return False
     index = int(match.group("idx"))
@@ -93,11 +135,19 @@ def _target_matches(lora: LoraConfig, name: str) -> bool:
     return index == ltt if isinstance(ltt, int) else index in ltt
 
 
-def _pattern_value(patterns: dict, name: str, default):
+def pattern_key(patterns, name: str) -> str | None:
+    """PEFT ``get_pattern_key``: the first key of ``patterns`` (in its order) with
+    ``re.match(rf"(.*\\.)?({key})$", name)``, else ``None``. Keys are regexes: ``"c_proj"`` matches any name
+    ending in ``.c_proj``; an anchor ``^`` only matches when the key matches the whole name."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
-    return default
+            return key
+    return None
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    key = pattern_key(patterns, name)
+    return default if key is None else patterns[key]
 
 
 def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
@@ -109,17 +159,33 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
         missing = sorted(i for i in wanted if i >= config.n_layer)
         if missing:
             raise ConfigError(f"lora.layers_to_transform names layers {missing}, but gpt2.n_layer is {config.n_layer}")
-    matched = [n for n in module_names(config) if _target_matches(lora, n)]
+    linear = frozenset(linear_module_names(config))
+    matched = [n for n in module_names(config) if _target_matches(lora, n, linear)]
     if not matched:
+        if lora.exclude_modules and any(_target_matches(dataclasses.replace(lora, exclude_modules=None), n, linear)
+                                        for n in module_names(config)):  # fmt: skip
+            raise ConfigError(
+                f"lora.exclude_modules={_show(lora.exclude_modules)} excludes every module that "
+                f"lora.target_modules={_show(lora.target_modules)} matches (PEFT: 'All modules were excluded')"
+            )
         raise ConfigError(f"lora.target_modules={_show(lora.target_modules)} matches no module of this GPT-2")
     plan: dict[str, LoraModule] = {}
+    tokens = _tokens_module(config, lora)
+    if tokens is not None:
+        if EMBEDDING_MODULE in matched:
+            raise ConfigError("lora.trainable_token_indices cannot be combined with LoRA on transformer.wte "
+                              "(both adapt the same Embedding)")  # fmt: skip
+        plan[TOKENS_MODULE] = tokens
     for name in matched:
+        if name == EMBEDDING_MODULE:
+            plan[name] = _embedding_module(config, lora, name)
+            continue
         parts = name.split(".")
         kind = ".".join(parts[-2:])
         if len(parts) != 5 or kind not in LORA_MODULE_KINDS:
             raise ConfigError(
                 f"lora.target_modules={_show(lora.target_modules)} matches {name!r}, which is not a Conv1D "
-                f"that reflora can adapt (targets are {', '.join(LORA_MODULE_KINDS)})"
+                f"that reflora can adapt (targets are {', '.join(LORA_MODULE_KINDS)}, and wte)"
             )
         layer = int(parts[2])
         in_f, out_f = conv1d_shape(config, kind)
@@ -146,6 +212,63 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
     return plan
 
 
+EMBEDDING_MODULE = "transformer.wte"  # the one Embedding reflora adapts (PEFT ``lora.Embedding``)
+EMBEDDING_KIND = "wte"
+
+
+def _embedding_module(config: GPT2Config, lora: LoraConfig, name: str) -> LoraModule:
+    """PEFT 0.21 ``lora.Embedding`` on ``transformer.wte``: ``lora_embedding_A`` (r, V) and ``lora_embedding_B``
+    (C, r), saved without ``.weight``; scaling as for a Conv1D; no dropout, no bias (reflora.ops.lora_embedding).
+    The tied ``lm_head`` keeps the base ``wte.weight`` (docs/semantics.md, "Tied embedding")."""
+    if lora.use_dora or lora.lora_bias or lora.qkv_slices is not None:
+        field = "use_dora" if lora.use_dora else "lora_bias" if lora.lora_bias else "qkv_slices"
+        raise ConfigError(f"lora.{field} cannot be combined with LoRA on {name} (an Embedding); reflora adapts it "
+                          "with plain LoRA only")  # fmt: skip
+    if lora.init_lora_weights not in (True, False):
+        raise ConfigError(f"lora.init_lora_weights={lora.init_lora_weights!r} is not supported with LoRA on {name}; "
+                          "use true or false")  # fmt: skip
+    r = _pattern_value(lora.rank_pattern, name, lora.r)
+    alpha = _pattern_value(lora.alpha_pattern, name, lora.lora_alpha)
+    prefix = ADAPTER_PREFIX + name
+    c = config.n_embd
+    branch = LoraBranch(f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B", 0, c)
+    return LoraModule(name, -1, EMBEDDING_KIND, config.vocab_size, c, r, alpha, lora.scaling(r, alpha), (branch,))
+
+
+TOKENS_MODULE = "transformer.wte.token_adapter"  # PEFT's TrainableTokensWrapper child on wte (and, tied, lm_head)
+TOKENS_KIND = "tokens"
+
+
+def _tokens_module(config: GPT2Config, lora: LoraConfig) -> LoraModule | None:
+    """PEFT 0.21 ``trainable_token_indices`` on GPT-2: a TrainableTokens layer on ``wte`` whose file key
+    ``base_model.model.transformer.wte.token_adapter.trainable_tokens_delta`` (K, C) holds the *new rows*
+    themselves (not a difference): W' = W with rows ``token_indices`` replaced. The tied ``lm_head`` is wrapped
+    with the same layer, so the head uses W' too. A list targets the input embedding; a dict
+    ``{"wte": [...]}`` names it (equal name or ``"." + key`` suffix)."""
+    tti = lora.trainable_token_indices
+    if tti is None:
+        return None
+    if isinstance(tti, dict):
+        unknown = [k for k in tti if not (k == EMBEDDING_MODULE or EMBEDDING_MODULE.endswith("." + k))]
+        if unknown or len(tti) != 1:
+            raise ConfigError(f"lora.trainable_token_indices names {unknown or list(tti)}: reflora trains tokens of "
+                              "wte only (one key, e.g. {'wte': [...]})")  # fmt: skip
+        (ids,) = tti.values()
+    else:
+        ids = tti
+    bad = [i for i in ids if i >= config.vocab_size]
+    if bad:
+        raise ConfigError(f"lora.trainable_token_indices holds {bad}, outside gpt2.vocab_size={config.vocab_size}")
+    key = f"{ADAPTER_PREFIX}{TOKENS_MODULE}.trainable_tokens_delta"
+    c = config.n_embd
+    return LoraModule(TOKENS_MODULE, -1, TOKENS_KIND, config.vocab_size, c, 0, 0.0, 0.0, (), None, tuple(ids), key)
+
+
+def dropout_plan(plan: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """The modules of ``plan`` whose LoRA input is dropped out: all but ``wte`` (PEFT's Embedding has none)."""
+    return {name: module for name, module in plan.items() if module.kind not in (EMBEDDING_KIND, TOKENS_KIND)}
+
+
 def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, ...]]:
     """Adapter key -> shape, in model order: A is (r, in), B is (out of its slice, r); with ``lora_bias`` B's
     bias is (out of its slice,); with ``use_dora`` the module's magnitude is (out,)."""
@@ -158,6 +281,8 @@ def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, ...]]:
                 shapes[branch.bias_key] = (branch.out_stop - branch.out_start,)
         if module.magnitude_key is not None:
             shapes[module.magnitude_key] = (module.out_features,)
+        if module.tokens_key is not None:
+            shapes[module.tokens_key] = (len(module.token_indices), module.out_features)
     return shapes
 
 
@@ -170,7 +295,7 @@ def trainable_bias_keys(config: GPT2Config, lora: LoraConfig, plan: dict[str, Lo
     if lora.bias == "none":
         return []
     if lora.bias == "lora_only":
-        return [f"{name}.bias" for name in plan]
+        return [f"{name}.bias" for name, m in dropout_plan(plan).items()]  # wte has no bias
     return [key for key in base_shapes(config) if key.endswith(".bias")]
 
 

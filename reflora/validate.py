@@ -14,7 +14,7 @@ from reflora.adapters import BASE_ADAPTER, check_adapter_name, qualified_key, sp
 from reflora.backend import Array, namespace
 from reflora.config import GPT2Config, LoraConfig
 from reflora.ops.dora_linear import NORM_GRADIENTS
-from reflora.targets import LoraModule, adapter_shapes, base_shapes, plan_lora
+from reflora.targets import LoraModule, adapter_shapes, base_shapes, dropout_plan, plan_lora
 
 INPUTS_EMBEDS = "inputs_embeds"  # the gradient key of HF's inputs_embeds (wte[ids])
 
@@ -212,6 +212,7 @@ def check_dropout_masks(masks, lora, plan, batch, seq_len, dtype) -> dict:
         if masks:
             raise InputError("dropout_masks were given, but lora.lora_dropout is 0 (no dropout)")
         return {}
+    plan = dropout_plan(plan)  # no mask for wte: PEFT's Embedding LoRA has no dropout
     mismatch = key_mismatch(masks, plan)
     if mismatch:
         raise InputError(f"dropout_masks need one mask per targeted module: {mismatch}")

@@ -12,10 +12,15 @@ has scaling exactly 1 (see "Scaling" below) and, on every module that some sourc
 * ``svd``: ΔWt = Σ_i w_i ΔWt_i, U S Vh its SVD, B = U_k diag(S_k), A = Vh_k with k = ``svd_rank`` (default
   max r_i): the best rank-k approximation of ΔWt (Eckart–Young); exact when k ≥ rank(ΔWt).
 
+* ``ties`` / ``magnitude_prune`` (equal ranks): PEFT's ``merge_utils`` on the A_i with coefficients
+  σ_i √|w_i s_i| and, separately, on the B_i with √|w_i s_i| (``_task_merge``: magnitude pruning to
+  ``density`` of each unweighted tensor, then the weighted sum, or for ties the elected sign and the mean over
+  the agreeing sources). ``ties_svd`` / ``magnitude_prune_svd``: the same on ΔWt_i with coefficients w_i,
+  then the SVD as for ``svd``.
+
 One source is always ``linear`` (as in PEFT; exact then). ``lora_bias`` (reflora; PEFT drops the biases):
-b_B = Σ_i w_i s_i b_i on every combination type, exact. Not covered: PEFT's ``ties``, ``dare_linear``,
-``dare_ties``, ``magnitude_prune`` and their ``*_svd`` forms (pruning heuristics; ``dare`` is random), and
-``svd_clamp``; asking for them is an error. DoRA sources are refused: a combination of DoRA adapters is not a
+b_B = Σ_i w_i s_i b_i on every combination type, exact. Not covered: PEFT's ``dare_linear``, ``dare_ties`` and
+their ``*_svd`` forms (random masks), and ``svd_clamp``; asking for them is an error. DoRA sources are refused: a combination of DoRA adapters is not a
 LoRA adapter (each one's factor c_i depends on its own V_i), and PEFT silently builds a DoRA adapter whose
 magnitude is the base norm, not a combination.
 
@@ -43,9 +48,11 @@ from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.targets import LoraModule, plan_lora
 from reflora.validate import check_adapter
 
-COMBINATION_TYPES = ("cat", "linear", "svd")
-NOT_COVERED = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
-               "magnitude_prune_svd")  # fmt: skip
+COMBINATION_TYPES = ("cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd")
+NOT_COVERED = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
+PRUNED_TYPES = ("ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd")  # need ``density``
+FACTOR_TYPES = ("linear", "ties", "magnitude_prune")  # combine A_i and B_i separately: equal ranks
+MAJORITY_SIGN_METHODS = ("total", "frequency")
 
 
 def max_rank(lora: LoraConfig) -> int:
@@ -59,7 +66,9 @@ def combined_rank(combination_type: str, sources: Sequence[LoraConfig], svd_rank
     ``svd_rank`` or the largest; a single source is always combined linearly (``max_rank`` of each source)."""
     ranks = [max_rank(s) for s in sources]
     kind = "linear" if len(sources) == 1 else combination_type
-    return {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[kind]
+    if kind in FACTOR_TYPES:
+        return ranks[0]
+    return sum(ranks) if kind == "cat" else svd_rank or max(ranks)
 
 
 def combined_config(sources: Sequence[LoraConfig], config: GPT2Config, new_rank: int) -> LoraConfig:
@@ -92,8 +101,11 @@ def add_weighted_adapter(
     weights: Sequence[float],
     combination_type: str = "svd",
     svd_rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
 ) -> tuple[LoraConfig, dict[str, Array]]:
-    """``(config, tensors)`` of the combination of ``adapters[names[i]]`` with ``weights[i]`` (module docstring)."""
+    """``(config, tensors)`` of the combination of ``adapters[names[i]]`` with ``weights[i]`` (module docstring);
+    ``density`` (0 ≤ density, ≥ 1 keeps everything) and ``majority_sign_method`` are the pruning types' own."""
     if combination_type in NOT_COVERED:
         raise ValueError(
             f"combination_type={combination_type!r} is not covered by the reference; use {COMBINATION_TYPES}"
@@ -119,10 +131,17 @@ def add_weighted_adapter(
         raise ValueError("the adapters have different qkv_slices; their branches cannot be combined")
     if len(names) == 1:
         combination_type = "linear"  # PEFT: a single adapter is always combined linearly (exact)
+    if combination_type in PRUNED_TYPES:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not density >= 0:
+            raise ValueError(f"combination_type={combination_type!r} needs density >= 0, got {density!r}")
+        if majority_sign_method not in MAJORITY_SIGN_METHODS:
+            raise ValueError(
+                f"majority_sign_method must be one of {MAJORITY_SIGN_METHODS}, got {majority_sign_method!r}"
+            )
     ranks = [max_rank(s) for s in sources]
-    if combination_type == "linear" and len(set(ranks)) != 1:
-        raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(names, ranks))}")
-    if combination_type == "svd" and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+    if combination_type in FACTOR_TYPES and len(set(ranks)) != 1:
+        raise ValueError(f"combination_type={combination_type!r} needs equal ranks, got {dict(zip(names, ranks))}")
+    if combination_type.endswith("svd") and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
     new_rank = combined_rank(combination_type, sources, svd_rank)
     new = combined_config(sources, config, new_rank)
@@ -132,18 +151,39 @@ def add_weighted_adapter(
         parts = [(w, p[module_name], adapters[n][1]) for n, w, p in zip(names, weights, plans) if module_name in p]
         for index, branch in enumerate(module.branches):
             srcs = [(w, m.scaling, t[m.branches[index].a_key], t[m.branches[index].b_key]) for w, m, t in parts]
-            A, B = _combine(combination_type, srcs, new_rank, module_name)
+            A, B = _combine(combination_type, srcs, new_rank, module_name, density, majority_sign_method)
             tensors[branch.a_key], tensors[branch.b_key] = A, B
             if branch.bias_key is not None:
                 tensors[branch.bias_key] = _combined_bias(parts, index, branch.out_stop - branch.out_start, A)
     return new, tensors
 
 
-def _combine(kind: str, srcs: list[tuple[float, float, Array, Array]], rank: int, where: str) -> tuple[Array, Array]:
+def _combine(
+    kind: str,
+    srcs: list[tuple[float, float, Array, Array]],
+    rank: int,
+    where: str,
+    density: float | None = None,
+    sign_method: str = "total",
+) -> tuple[Array, Array]:
     """A (rank, in), B (out, rank) of one branch from [(w, s, A_i, B_i)]."""
     xp = namespace(*(a for _, _, a, _ in srcs))
     in_f, out_f, dtype = srcs[0][2].shape[1], srcs[0][3].shape[0], srcs[0][2].dtype
-    if kind == "cat":
+    if kind in ("ties", "magnitude_prune"):
+        ranks = {a.shape[0] for _, _, a, _ in srcs}
+        if len(ranks) != 1:
+            raise ValueError(f"combination_type={kind!r} needs equal ranks on {where}, got {sorted(ranks)}")
+        signed = [math.copysign(math.sqrt(abs(w * s)), w * s) for w, s, _, _ in srcs]
+        A = _task_merge(kind, [a for _, _, a, _ in srcs], signed, density, sign_method)
+        B = _task_merge(kind, [b for _, _, _, b in srcs], [math.sqrt(abs(w * s)) for w, s, _, _ in srcs], density,
+                        sign_method)  # fmt: skip
+    elif kind in ("ties_svd", "magnitude_prune_svd"):
+        deltas = [s * xp.matmul(b, a) for _, s, a, b in srcs]  # s_i B_i A_i (out, in)
+        delta = _task_merge(kind.removesuffix("_svd"), deltas, [w for w, _, _, _ in srcs], density, sign_method)
+        U, S, Vh = xp.linalg.svd(delta, full_matrices=False)
+        B = U[:, :rank] * xp.reshape(S[:rank], (1, -1))
+        A = Vh[:rank, :]
+    elif kind == "cat":
         A = xp.concat([(w * s) * a for w, s, a, _ in srcs], axis=0)  # (Σ r_i, in)
         B = xp.concat([b for _, _, _, b in srcs], axis=1)  # (out, Σ r_i)
     elif kind == "linear":
@@ -175,3 +215,40 @@ def _combined_bias(parts: list[tuple[float, LoraModule, Mapping]], index: int, n
         if key is not None:
             bias = bias + (w * module.scaling) * t[key]
     return bias
+
+
+def magnitude_mask(task: Array, density: float) -> Array:
+    """PEFT's ``magnitude_based_pruning`` mask (same shape as ``task``, 1.0 kept / 0.0 pruned): the
+    k = ⌊density · numel⌋ entries of largest |value| are kept (``torch.topk``; on equal magnitudes the first in
+    row-major order); density ≥ 1 keeps everything (PEFT's ``prune`` returns the tensor unchanged)."""
+    xp = namespace(task)
+    if density >= 1:
+        return xp.ones_like(task)
+    flat = xp.reshape(xp.abs(task), (-1,))
+    k = int(density * flat.shape[0])
+    order = xp.argsort(-flat, stable=True)  # position p holds the index of the p-th largest
+    position = xp.argsort(order, stable=True)  # the inverse permutation: each entry's place in that order
+    return xp.reshape(xp.astype(position < k, task.dtype), task.shape)
+
+
+def _task_merge(kind: str, tasks: list[Array], weights: list[float], density: float, sign_method: str) -> Array:
+    """PEFT's ``merge_utils`` on task tensors T_i (all one shape) with weights c_i:
+
+    * prune: P_i = T_i ⊙ M_i, M_i = ``magnitude_mask(T_i, density)`` (on the unweighted T_i);
+    * ``magnitude_prune``: Σ_i c_i P_i;
+    * ``ties``: elect a sign per entry from the pruned, unweighted P_i: σ = +1 where Σ_i P_i ≥ 0 (``"total"``)
+      or Σ_i sign(P_i) ≥ 0 (``"frequency"``), else −1; keep K_i = [sign(P_i) = σ] (a pruned or zero entry is
+      never kept); result Σ_i c_i P_i K_i / max(1, Σ_i K_i) (the disjoint mean; the weights are not normalised).
+    """
+    xp = namespace(*tasks)
+    pruned = xp.stack([t * magnitude_mask(t, density) for t in tasks], axis=0)  # (K, ...)
+    coeffs = xp.reshape(xp.asarray(weights, dtype=pruned.dtype), (len(weights),) + (1,) * (pruned.ndim - 1))
+    weighted = pruned * coeffs
+    if kind == "magnitude_prune":
+        return xp.sum(weighted, axis=0)
+    sign = xp.sign(pruned)
+    votes = xp.sum(pruned if sign_method == "total" else sign, axis=0)
+    majority = xp.where(votes >= 0, xp.ones_like(votes), -xp.ones_like(votes))
+    keep = xp.astype(sign == majority, pruned.dtype)
+    count = xp.sum(keep, axis=0)
+    return xp.sum(weighted * keep, axis=0) / xp.maximum(count, xp.ones_like(count))

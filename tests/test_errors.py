@@ -85,7 +85,7 @@ def test_bad_config_fields_are_named(build, match):
         (rf.LoraConfig(target_modules=["q_proj", "v_proj"]), r"target_modules=\['q_proj', 'v_proj'\] matches no module"),
         (rf.LoraConfig(target_modules="transformer\\.h\\.9\\..*"), r"matches no module"),
         (rf.LoraConfig(target_modules=["ln_1"]), r"matches 'transformer\.h\.0\.ln_1', which is not a Conv1D"),
-        (rf.LoraConfig(target_modules=".*wte"), r"matches 'transformer\.wte', which is not a Conv1D"),
+        (rf.LoraConfig(target_modules=".*wpe"), r"matches 'transformer\.wpe', which is not a Conv1D"),
         (rf.LoraConfig(target_modules=["lm_head"]), r"matches 'lm_head', which is not a Conv1D"),
         (rf.LoraConfig(target_modules=["mlp"]), r"matches 'transformer\.h\.0\.mlp', which is not a Conv1D"),
         (rf.LoraConfig(target_modules=["c_attn"], layers_to_transform=[1, 5]),

@@ -328,3 +328,172 @@ def test_documented_peft_deviation_olora_on_conv1d():
     adapter, residual = init_adapter(p64, TINY, lora)
     ours, _ = rf.gpt2_forward(residual, TINY, ids, adapter=adapter, lora=lora)
     np.testing.assert_allclose(ours, rf.gpt2_forward(p64, TINY, ids)[0], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# orthogonal (PEFT's orthogonal_init)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_orthogonal_init_structure():
+    """B A = 0, rank A = rank B = r/2, 100‖A‖_F² = ‖G_A‖_F² (chi-square with in·r/2 degrees), odd r refused."""
+    from reflora.lora_init import draw_lora_factors
+
+    rng = np.random.default_rng(5)
+    total_a, dof_a = 0.0, 0
+    for _ in range(200):
+        A, B = draw_lora_factors("orthogonal", 4, 9, 13, rng)
+        assert A.shape == (4, 9) and B.shape == (13, 4)
+        assert np.max(np.abs(B @ A)) <= 1e-14 * np.linalg.norm(A, 2) * np.linalg.norm(B, 2)
+        sa, sb = np.linalg.svd(A, compute_uv=False), np.linalg.svd(B, compute_uv=False)
+        assert sa[2] <= 1e-14 * sa[0] and sb[2] <= 1e-14 * sb[0] and sa[1] > 0 and sb[1] > 0
+        total_a, dof_a = total_a + 100 * np.sum(A * A), dof_a + 9 * 2
+    assert abs(total_a - dof_a) / math.sqrt(2 * dof_a) < 3.29
+    with pytest.raises(ValueError, match="even"):
+        draw_lora_factors("orthogonal", 3, 9, 13, rng)
+    with pytest.raises(rf.ConfigError, match="even"):
+        rf.LoraConfig(r=2, init_lora_weights="orthogonal", rank_pattern={"c_fc": 3})
+
+
+def test_orthogonal_output_is_unchanged_at_init():
+    params = rf.init_gpt2_params(TINY, np.random.default_rng(0))
+    lora = rf.LoraConfig(r=4, lora_alpha=3, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="orthogonal")
+    adapter, new_params = init_adapter(params, TINY, lora, np.random.default_rng(1))
+    ids = np.array([[1, 2, 3, 4]])
+    base = rf.gpt2_forward(params, TINY, ids)[0]
+    np.testing.assert_allclose(rf.gpt2_forward(new_params, TINY, ids, adapter=adapter, lora=lora)[0], base,
+                               rtol=0, atol=1e-13)  # fmt: skip
+
+
+class _Replay:
+    """A stand-in for numpy's Generator that hands back recorded N(0, 1) draws in order."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def standard_normal(self, shape):
+        draw = self.draws.pop(0)
+        assert draw.shape == tuple(shape)
+        return draw
+
+
+@pytest.mark.torch
+def test_orthogonal_matches_peft_given_its_draws(monkeypatch):
+    """PEFT's own torch.randn draws (X, G_A, G_B, recorded) replayed through reflora's formula give PEFT's A and B
+    to float32 rounding: the formula in reflora.lora_init is PEFT's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from reflora.lora_init import draw_lora_factors
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(IN, OUT)
+
+    recorded, randn = [], torch.randn
+
+    def recording(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        recorded.append(out.detach().double().numpy().copy())
+        return out
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "randn", recording)
+    model = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["lin"], init_lora_weights="orthogonal"))
+    monkeypatch.setattr(torch, "randn", randn)
+    layer = model.base_model.model.lin
+    A, B = layer.lora_A.default.weight.detach().double().numpy(), layer.lora_B.default.weight.detach().double().numpy()
+    assert [d.shape for d in recorded] == [(4, 4), (IN, 2), (2, OUT)]
+    ours_A, ours_B = draw_lora_factors("orthogonal", 4, IN, OUT, _Replay(recorded))
+    np.testing.assert_allclose(ours_A, A, rtol=0, atol=1e-6 * np.max(np.abs(A)))
+    np.testing.assert_allclose(ours_B, B, rtol=0, atol=1e-6 * np.max(np.abs(B)))
+
+
+# ----------------------------------------------------------------------------------------------
+# pissa_niter_K (randomised PiSSA: PEFT's torch.svd_lowrank)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7)])
+@pytest.mark.parametrize("niter", [0, 2])
+def test_pissa_niter_is_a_projection_and_keeps_the_output(shape, niter):
+    """residual + s·B A = Wt exactly, rank r, the residual orthogonal to the adapter's range (tall) or row space
+    (wide); many power iterations converge to exact PiSSA on a matrix with a spectral gap."""
+    W = np.random.default_rng(3).standard_normal(shape)
+    A, B, residual = init_lora_module(f"pissa_niter_{niter}", W, 2, 1.5, np.random.default_rng(niter), "linear")
+    sba = 1.5 * B @ A
+    np.testing.assert_allclose(residual + sba, W, rtol=0, atol=1e-14)
+    assert np.linalg.matrix_rank(sba) == 2
+    cross = sba.T @ residual if shape[0] >= shape[1] else residual @ sba.T
+    assert np.max(np.abs(cross)) <= 1e-13
+    # Eckart–Young: never better than exact PiSSA
+    exact = init_lora_module("pissa", W, 2, 1.5, None, "linear").weight
+    assert np.linalg.norm(residual) >= np.linalg.norm(exact) * (1 - 1e-12)
+
+
+def test_pissa_niter_converges_to_pissa():
+    U, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((9, 6)))
+    V, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((6, 6)))
+    W = U @ np.diag([5.0, 4.0, 1.0, 0.5, 0.2, 0.1]) @ V.T  # gap σ_3/σ_2 = 1/4
+    exact = init_lora_module("pissa", W, 2, 2.0, None, "linear").weight
+    for niter, tol in ((5, 1e-4), (20, 1e-12)):  # subspace error ~ (σ_3/σ_2)^(2·niter+1) = 4^-11, 4^-41
+        got = init_lora_module(f"pissa_niter_{niter}", W, 2, 2.0, np.random.default_rng(7), "linear").weight
+        assert np.max(np.abs(got - exact)) <= tol
+
+
+def test_pissa_niter_refusals():
+    with pytest.raises(ValueError, match="rng"):
+        init_lora_module("pissa_niter_1", np.ones((4, 3)), 2, 1.0, None, "linear")
+    with pytest.raises(ValueError, match="random"):
+        residual_base({}, TINY, rf.LoraConfig(r=2, init_lora_weights="pissa_niter_2"))
+    with pytest.raises(rf.ConfigError, match="init_lora_weights"):
+        rf.LoraConfig(r=2, init_lora_weights="pissa_niter_x")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("shape", [(IN, OUT), (OUT, IN)])
+def test_pissa_niter_matches_peft_given_its_draws(monkeypatch, shape):
+    """PEFT's svd_lowrank draw (torch.randn, recorded) replayed through reflora.lora_init.randomized_svd gives
+    PEFT's s·B A and residual to float32 rounding (PEFT runs PiSSA in float32)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    in_f, out_f = shape
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(in_f, out_f)
+
+    torch.manual_seed(0)
+    tiny = Tiny()
+    W = tiny.lin.weight.detach().double().numpy().copy()  # (out, in)
+    recorded, randn = [], torch.randn
+
+    def recording(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        recorded.append(out.detach().double().numpy().copy())
+        return out
+
+    monkeypatch.setattr(torch, "randn", recording)
+    model = get_peft_model(
+        tiny, LoraConfig(r=4, lora_alpha=6, target_modules=["lin"], init_lora_weights="pissa_niter_2")
+    )
+    monkeypatch.setattr(torch, "randn", randn)
+    layer = model.base_model.model.lin
+    A, B = layer.lora_A.default.weight.detach().double().numpy(), layer.lora_B.default.weight.detach().double().numpy()
+    residual = layer.base_layer.weight.detach().double().numpy()
+    assert [d.shape for d in recorded] == [(min(in_f, out_f), 4)]
+
+    class Replay:
+        def standard_normal(self, size):
+            assert tuple(size) == recorded[0].shape
+            return recorded[0]
+
+    ours = init_lora_module("pissa_niter_2", W, 4, 1.5, Replay(), "linear")
+    scale = np.max(np.abs(W))
+    np.testing.assert_allclose(1.5 * ours.B @ ours.A, 1.5 * B @ A, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(ours.weight, residual, rtol=0, atol=1e-5 * scale)

@@ -62,7 +62,7 @@ class Case:
     ignore_rate: float = 0.0  # fraction of labels set to -100 (padding is always -100)
     objective: str = "loss"  # 'loss' | 'dlogits' (random upstream gradient of the logits)
     weight_std: float = 0.02  # std of the base weights (GPT-2's is 0.02)
-    wrt: str = "trainable"  # 'trainable' | 'everything' (also every base tensor and inputs_embeds)
+    wrt: str = "trainable"  # 'trainable' | 'everything' (also every base tensor and inputs_embeds) | 'base' (no embeds)
 
 
 def build(case: Case) -> dict:
@@ -109,6 +109,8 @@ def build(case: Case) -> dict:
     wrt = rf.trainable_keys(config, lora)
     if case.wrt == "everything":
         wrt = list(dict.fromkeys([*wrt, *rf.base_shapes(config), "inputs_embeds"]))
+    elif case.wrt == "base":  # LoRA on wte: inputs_embeds would bypass the adapted lookup on both sides
+        wrt = list(dict.fromkeys([*wrt, *rf.base_shapes(config)]))
     return {
         "config": config, "lora": lora, "params": params, "adapter": adapter, "dropout_masks": masks,
         "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids,
@@ -255,6 +257,19 @@ EXPLICIT_CASES = {
     "layers_to_transform": Case(
         {**TINY, "n_layer": 3}, {"r": 2, "lora_alpha": 2.0, "target_modules": ["c_proj"], "layers_to_transform": [0, 2]},
         1, 5, 5),
+    "LoRA on wte (tied head), c_attn with dropout, rsLoRA, wte rank pattern, every base grad": Case(
+        TINY, {"r": 2, "lora_alpha": 5.0, "target_modules": ["wte", "c_attn"], "lora_dropout": 0.5, "use_rslora": True,
+               "bias": "lora_only", "rank_pattern": {"wte": 3}, "alpha_pattern": {"wte": 7.0}},
+        2, 5, 7, padding=(("left", 1), ("right", 2)), position_ids="per_row", weight_std=0.3, wrt="base"),
+    "LoRA on wte only, init_lora_weights=false, dlogits": Case(
+        TINY, {"r": 3, "lora_alpha": 2.0, "target_modules": ["wte"], "init_lora_weights": False}, 3, 4, 8,
+        objective="dlogits", wrt="base"),
+    "trainable_token_indices (list), tied head sees the new rows, every base grad": Case(
+        TINY, {"r": 2, "lora_alpha": 5.0, "target_modules": ["c_attn"], "trainable_token_indices": [3, 1, 16]},
+        2, 5, 9, padding=(("left", 1), ("right", 2)), weight_std=0.3, wrt="base"),
+    "trainable_token_indices (dict), dropout, bias all": Case(
+        TINY, {"r": 3, "lora_alpha": 2.0, "target_modules": ["c_fc"], "trainable_token_indices": {"wte": [0, 5]},
+               "lora_dropout": 0.3, "bias": "all"}, 3, 4, 10, objective="dlogits", wrt="base"),
     "no LoRA, full fine-tuning": Case({**TINY, "n_head": 1}, None, 2, 4, 6, padding=(("left", 1), ("right", 1)),
                                       wrt="everything"),
 }  # fmt: skip

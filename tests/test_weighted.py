@@ -151,6 +151,8 @@ def test_targets_are_the_union_and_layers_to_transform_is_respected():
 def test_refusals():
     params, adapters = sources()
     with pytest.raises(ValueError, match="not covered"):
+        add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "dare_ties")
+    with pytest.raises(ValueError, match="density"):
         add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "ties")
     with pytest.raises(ValueError, match="equal ranks"):
         add_weighted_adapter(TINY, adapters, ["a", "c"], [1, 1], "linear")
@@ -234,3 +236,90 @@ def test_documented_peft_deviation_rslora_scaling():
     for module, (delta, scaling) in theirs.items():
         assert scaling == pytest.approx(2.0)  # √(r_a + r_b) = √4
         np.testing.assert_allclose(delta, 2.0 * exact[module], rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------
+# ties / magnitude_prune (and their *_svd forms): PEFT's merge_utils on A_i, B_i (or on s_i B_i A_i)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_magnitude_mask_keeps_the_largest_entries():
+    from reflora.weighted import magnitude_mask
+
+    t = np.array([[0.1, -3.0, 2.0], [-0.5, 0.0, 1.0]])
+    np.testing.assert_array_equal(magnitude_mask(t, 0.5), [[0, 1, 1], [0, 0, 1]])  # k = ⌊0.5 · 6⌋ = 3
+    np.testing.assert_array_equal(magnitude_mask(t, 0.0), np.zeros_like(t))
+    np.testing.assert_array_equal(magnitude_mask(t, 1.0), np.ones_like(t))
+
+
+def test_ties_closed_form_on_one_module():
+    """A = Σ_i c_i P_i K_i / max(1, Σ K_i) with c_i = σ_i √|w_i s_i|, the sign elected from the unweighted P_i."""
+    _, adapters = sources(seed=3)
+    names, weights, density = ["a", "b"], [0.7, -1.3], 0.5
+    from reflora.weighted import magnitude_mask
+
+    lora, tensors = add_weighted_adapter(TINY, adapters, names, weights, "ties", density=density)
+    module = "transformer.h.0.attn.c_attn"
+    new = rf.plan_lora(TINY, lora)[module].branches[0]
+    tasks, coeffs = [], []
+    for name, w in zip(names, weights):
+        m = rf.plan_lora(TINY, adapters[name][0])[module]
+        a = adapters[name][1][m.branches[0].a_key]
+        tasks.append(a * magnitude_mask(a, density))
+        coeffs.append(math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling))
+    total = tasks[0] + tasks[1]
+    sign = np.where(total >= 0, 1.0, -1.0)
+    keep = [np.sign(t) == sign for t in tasks]
+    want = (coeffs[0] * tasks[0] * keep[0] + coeffs[1] * tasks[1] * keep[1]) / np.maximum(keep[0] + 1.0 * keep[1], 1)
+    np.testing.assert_allclose(tensors[new.a_key], want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"])
+def test_density_one_is_linear_or_svd(kind):
+    """density ≥ 1 prunes nothing: magnitude_prune is then linear (and *_svd is svd); ties with one agreeing
+    source per entry too, so only magnitude_prune is compared to linear exactly."""
+    _, adapters = sources(seed=4)
+    names, weights = ["a", "b"], [0.7, -1.3]
+    base = "svd" if kind.endswith("svd") else "linear"
+    lora, tensors = add_weighted_adapter(TINY, adapters, names, weights, kind, 3 if base == "svd" else None, 1.0)
+    ref_lora, ref = add_weighted_adapter(TINY, adapters, names, weights, base, 3 if base == "svd" else None)
+    if kind.startswith("magnitude_prune"):
+        got, want = deltas(lora, tensors), deltas(ref_lora, ref)
+        for module in want:
+            np.testing.assert_allclose(got[module], want[module], rtol=0, atol=1e-13, err_msg=module)
+
+
+def peft_pruned(adapters, names, weights, kind, svd_rank, density, method):
+    import torch
+
+    from conformance.drivers.peft_bridge import build_peft_adapters
+
+    params = rf.init_gpt2_params(TINY, np.random.default_rng(0))
+    model = build_peft_adapters(TINY, params, {n: adapters[n] for n in names})
+    model.add_weighted_adapter(names, weights, "new", combination_type=kind, svd_rank=svd_rank, density=density,
+                               majority_sign_method=method)  # fmt: skip
+    out = {}
+    for name, module in dict(model.named_modules()).items():
+        if hasattr(module, "lora_A") and "new" in module.lora_A:
+            with torch.no_grad():
+                out[name.removeprefix("base_model.model.")] = module.get_delta_weight("new").T.numpy()
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("kind", ["ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"])
+@pytest.mark.parametrize("density", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_pruned_types_match_peft(kind, density, method):
+    pytest.importorskip("peft")
+    _, adapters = sources(seed=6)
+    names = ["a", "b"]
+    svd = kind.endswith("svd")
+    weights, svd_rank = (EXACT_WEIGHTS["svd"], 3) if svd else (EXACT_WEIGHTS["linear"], None)
+    theirs = peft_pruned(adapters, names, weights, kind, svd_rank, density, method)
+    lora, tensors = add_weighted_adapter(TINY, adapters, names, weights, kind, svd_rank, density, method)
+    ours = deltas(lora, tensors)
+    assert set(theirs) == set(ours)
+    for module, delta in theirs.items():
+        np.testing.assert_allclose(ours[module], delta, rtol=0, atol=1e-13, err_msg=module)

@@ -64,6 +64,11 @@ def refuse_unsupported(case: LayerCase, caps: Capabilities, driver: str) -> None
         refuse("bias_modes", "a trainable bias is not supported")
 
 
+def is_all_linear(target_modules) -> bool:
+    """PEFT's shorthand ``target_modules="all-linear"`` (any case): every Conv1D / Linear but the output layer."""
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
 def refuse_unsupported_model(case: ModelCase, caps: Capabilities, driver: str) -> None:
     """The model-level counterpart of ``refuse_unsupported`` (only what every model driver checks the same way)."""
     lora = case.lora
@@ -80,7 +85,10 @@ def refuse_unsupported_model(case: ModelCase, caps: Capabilities, driver: str) -
         refuse("rslora", "rsLoRA scaling is not supported")
     if (lora.rank_pattern or lora.alpha_pattern) and not caps.rank_alpha_pattern:
         refuse("rank_alpha_pattern", "rank_pattern / alpha_pattern are not supported")
-    if isinstance(lora.target_modules, str) and not caps.target_modules_regex:
+    if is_all_linear(lora.target_modules):
+        if not getattr(caps, "target_modules_all_linear", False):
+            refuse("target_modules_all_linear", "target_modules='all-linear' is not supported")
+    elif isinstance(lora.target_modules, str) and not caps.target_modules_regex:
         refuse("target_modules_regex", "a regex target_modules is not supported")
     if lora.layers_to_transform is not None and not caps.layers_to_transform:
         refuse("layers_to_transform", "layers_to_transform is not supported")

@@ -19,6 +19,8 @@ Mapping (adapters/methods/lora.py, adapters/configuration/adapter_config.py):
   driver puts a module computing ``x ⊙ M / (1 − p)`` with the reference's mask in its place.
 * trainable: ``model.train_adapter(name)`` (layer level: the LoRA parameters; adapters never trains a bias).
 * merge: ``merge_adapter(name)`` / ``reset_adapter()``, the library's own pair.
+* adapter switching: two named adapters (``add_adapter`` twice), ``set_active_adapters(name)`` between the
+  forwards, AdapterHub's own switch.
 * adapter files: AdapterHub writes its own format (``pytorch_adapter.bin`` / safetensors with its own names and
   config), not PEFT's; not supported.
 """
@@ -60,6 +62,7 @@ capabilities = Capabilities(
     padding=True,
     merge=True,
     adapter_files=False,
+    adapter_switching=True,
     notes={
         "rslora": "LoRA scales by alpha / r only",
         "bias_modes": "LoRA in adapters never trains a bias",
@@ -69,6 +72,24 @@ capabilities = Capabilities(
         "layers_to_transform": "as LoRAConfig.leave_out (every other layer)",
         "rank_alpha_pattern": "one r and alpha per adapter",
         "adapter_files": "AdapterHub saves its own format, not PEFT's adapter_model.safetensors",
+        "target_modules_all_linear": "LoRAConfig selects modules by role and never adapts attn.c_proj: every Conv1D "
+        "cannot be targeted",
+        "exclude_modules": "LoRAConfig has leave_out (layer indices) only, no module exclusion",
+        "runtime_scaling": "no set_scale / scale_layer: LoRA.scaling is fixed at alpha / r when the module is built",
+        "embedding_lora": "adapters' LoRA (methods/lora.py) wraps linear layers only: no Embedding LoRA",
+        "trainable_tokens": "no trainable-token (selected embedding rows) method in adapters",
+        "model_merge": "merge_adapter / reset_adapter exist and are checked at layer level (layer.merge.*, "
+        "layer.unmerge.*); the advanced cases target full-matrix c_attn and attn.c_proj, which adapters cannot adapt",
+        "merge_and_unload": "no merge_and_unload: merge_adapter merges in place and the adapter modules stay",
+        "dora": "LoRAConfig(use_dora=True) raises in add_adapter on GPT-2's Conv1D (docs/findings.md, adapters DoRA 1); "
+        "on the linear layout it is driven by dora_forward_backward / dora_merge",
+        "init_methods": "init_weights='lora' is PEFT's True, but the advanced cases target c_attn / attn.c_proj (not "
+        "adaptable); 'bert' is N(0, 0.02), not PEFT's 'gaussian'; no PiSSA / OLoRA",
+        "multi_adapter": "several LoRAs compose as Stack (sequential: each LoRA reads the previous one's output), "
+        "Parallel or Average (a weighted mean), not as a sum of deltas",
+        "mixed_batch": "BatchSplit splits the batch into contiguous blocks; no adapter name per row",
+        "weighted_combinations": "average_adapter's combine_strategy is 'linear' (a weighted average of A and of B), "
+        "'lora_linear_only_negate_b' or 'lora_delta_w_svd': none is PEFT's cat / linear / svd",
     },
 )
 
@@ -88,7 +109,7 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_layer(case: LayerCase):
+def _build_layer(case: LayerCase, dora: bool = False):
     import torch
     from adapters import LoRAConfig
     from adapters.composition import parse_composition
@@ -99,7 +120,7 @@ def _build_layer(case: LayerCase):
     in_f, out_f = case.weight.shape if case.layout == "conv1d" else case.weight.shape[::-1]
     slices = [s for s in "qkv" if s in case.lora_A] if case.qkv_slices is not None else ["q", "k", "v"]
     config = LoRAConfig(r=case.r, alpha=case.lora_alpha, dropout=case.lora_dropout, attn_matrices=slices,
-                        selfattn_lora=True, intermediate_lora=True)  # fmt: skip
+                        selfattn_lora=True, intermediate_lora=True, use_dora=dora)  # fmt: skip
     adapters_config = ModelAdaptersConfig()
     adapters_config.add(ADAPTER, config=config)
     adapters_config.active_setup = parse_composition(ADAPTER)  # what set_active_adapters stores
@@ -146,6 +167,57 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
              "bias": layer.bias is not None and layer.bias.requires_grad}  # fmt: skip
     out["trainable"] = trainable_names(case, flags)
     return out
+
+
+def _load_magnitude(case: LayerCase, lora, magnitude: np.ndarray | None) -> np.ndarray:
+    """Put ``magnitude`` (out,) into the DoRA module's ``m`` (an ``nn.Linear(1, out)``), or keep the library's own
+    initialisation (None: the row norms of the weight *as stored*); returns the value used."""
+    import torch
+
+    if magnitude is not None:
+        with torch.no_grad():
+            lora.m.weight.copy_(to_torch(magnitude[:, None], case.dtype))
+    return to_numpy(lora.m.weight)[:, 0]
+
+
+def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``LoRAConfig(use_dora=True)`` on ``LoRALinearTorch`` (adapters/methods/lora.py): ``y``, ``dx``, ``lora_A``,
+    ``lora_B``, ``magnitude`` (the gradient of ``m``), ``magnitude_init`` and ``trainable``. adapters' DoRA
+    normalises by ``‖W + B A‖`` (no scaling, not detached) and rescales the bias with the rest of the output."""
+    refuse_unsupported(case, capabilities, name)
+    if case.qkv_slices is not None:
+        raise NotSupported(f"{name}: DoRA on per-slice q/k/v (LoRAMergedLinear) is not driven")
+    layer, lora = _build_layer(case, dora=True)
+    used = _load_magnitude(case, lora, magnitude)
+    lora.m.weight.requires_grad_(True)  # train_adapter's rule: the magnitude trains with A and B
+    if case.keep_mask is not None and case.lora_dropout > 0:
+        lora.lora_dropout = keep_mask_dropout(case)
+        layer.train()
+    else:
+        layer.eval()
+    x = to_torch(case.x, case.dtype, requires_grad=True)
+    y = layer(x)
+    out = torch_layer_results(y, x, case.dy, {"lora_A": lora.lora_A, "lora_B": lora.lora_B, "magnitude": lora.m.weight})
+    out["magnitude"] = out["magnitude"][:, 0]
+    out["magnitude_init"] = used
+    out["trainable"] = np.array(["lora_A", "lora_B", "magnitude"], dtype=str)
+    return out
+
+
+def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``merge_adapter`` / ``reset_adapter`` with DoRA: ``merged_weight``, ``merged_y``, ``unmerged_weight``."""
+    import torch
+
+    refuse_unsupported(case, capabilities, name)
+    layer, lora = _build_layer(case, dora=True)
+    _load_magnitude(case, lora, magnitude)
+    layer.eval()
+    layer.merge_adapter(ADAPTER)
+    with torch.no_grad():
+        merged_weight = to_numpy(layer.weight)
+        merged_y = to_numpy(layer(to_torch(case.x, case.dtype)))
+    layer.reset_adapter()
+    return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": to_numpy(layer.weight)}
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
@@ -205,7 +277,6 @@ def adapters_lora_config(case: ModelCase):
 
 def _build_model(case: ModelCase):
     import adapters
-    import torch
 
     from conformance.drivers.peft_bridge import TORCH_DTYPES, build_hf_model
 
@@ -215,17 +286,8 @@ def _build_model(case: ModelCase):
     model.add_adapter(ADAPTER, config=config)
     model.train_adapter(ADAPTER)  # activates it, freezes everything else
     model.to(TORCH_DTYPES[case.dtype])  # the new LoRA tensors are created in float32
+    live = _copy_adapter(model, plan, ADAPTER, case.adapter, case.config, case.dtype)
     modules = dict(model.named_modules())
-    live: dict[str, tuple] = {}  # reflora adapter key -> (parameter, row slice of the stacked tensor)
-    for module_name, module in plan.items():
-        lora = modules[module_name].loras[ADAPTER]
-        width_b = module.out_features // 3 if module.kind == "attn.c_attn" else module.out_features
-        for i, branch in enumerate(module.branches):
-            live[branch.a_key] = (lora.lora_A, slice(i * module.r, (i + 1) * module.r))
-            live[branch.b_key] = (lora.lora_B, slice(i * width_b, (i + 1) * width_b))
-    with torch.no_grad():
-        for key, (param, rows) in live.items():
-            param[rows] = to_torch(case.adapter[key], case.dtype)
     if case.dropout_masks and case.lora.lora_dropout > 0:
         from conformance.drivers.peft_bridge import MaskDropout
 
@@ -233,6 +295,63 @@ def _build_model(case: ModelCase):
             lora = modules[module_name].loras[ADAPTER]
             lora.lora_dropout = MaskDropout(to_torch(mask, case.dtype), case.lora.lora_dropout)
     return model, plan, live
+
+
+def _copy_adapter(model, plan, adapter_name: str, tensors: dict, config, dtype: str) -> dict[str, tuple]:
+    """Copy the reference tensors (reflora adapter key -> array) into the adapter ``adapter_name`` of ``model``;
+    returns reflora key -> (live parameter, row slice of the stacked tensor)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    live: dict[str, tuple] = {}  # reflora adapter key -> (parameter, row slice of the stacked tensor)
+    for module_name, module in plan.items():
+        lora = modules[module_name].loras[adapter_name]
+        width_b = module.out_features // 3 if module.kind == "attn.c_attn" else module.out_features
+        for i, branch in enumerate(module.branches):
+            live[branch.a_key] = (lora.lora_A, slice(i * module.r, (i + 1) * module.r))
+            live[branch.b_key] = (lora.lora_B, slice(i * width_b, (i + 1) * width_b))
+    with torch.no_grad():
+        for key, (param, rows) in live.items():
+            param[rows] = to_torch(tensors[key], dtype)
+    return live
+
+
+def _inputs(case: ModelCase) -> dict:
+    import torch
+
+    kwargs = {"input_ids": torch.from_numpy(np.asarray(case.input_ids, dtype=np.int64))}
+    if case.attention_mask is not None:
+        kwargs["attention_mask"] = torch.from_numpy(np.asarray(case.attention_mask, dtype=np.int64))
+    if case.position_ids is not None:
+        kwargs["position_ids"] = torch.from_numpy(np.asarray(case.position_ids, dtype=np.int64))
+    return kwargs
+
+
+def model_switch_adapters(case: ModelCase) -> dict[str, np.ndarray]:
+    """Two adapters on one GPT-2 (``add_adapter`` "reflora" and "second"), eval logits with
+    ``set_active_adapters("reflora")``, then ``"second"``, then ``"reflora"`` again."""
+    import dataclasses
+
+    import torch
+
+    from conformance.drivers.peft_bridge import TORCH_DTYPES
+
+    model, _, _ = _build_model(case)
+    second_case = dataclasses.replace(case, lora=case.second_lora, adapter=case.second_adapter)
+    second_config, second_plan = adapters_lora_config(second_case)
+    model.add_adapter("second", config=second_config)
+    model.to(TORCH_DTYPES[case.dtype])
+    _copy_adapter(model, second_plan, "second", case.second_adapter, case.config, case.dtype)
+    model.eval()
+    inputs = _inputs(case)
+    with torch.no_grad():
+        model.set_active_adapters(ADAPTER)
+        first = to_numpy(model(**inputs).logits)
+        model.set_active_adapters("second")
+        second = to_numpy(model(**inputs).logits)
+        model.set_active_adapters(ADAPTER)
+        first_again = to_numpy(model(**inputs).logits)
+    return {"first": first, "second": second, "first_again": first_again}
 
 
 def model_forward_backward(case: ModelCase) -> dict:

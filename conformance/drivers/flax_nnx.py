@@ -5,13 +5,16 @@ Mapping (flax/nnx/nn/lora.py):
 * ``nnx.LoRALinear(in, out, lora_rank=r, use_bias=..., param_dtype=..., lora_param_dtype=...)``: an ``nnx.Linear``
   whose ``kernel`` is (in, out) (the case's "conv1d" layout), plus ``lora`` = ``nnx.LoRA`` with ``lora_a`` (in, r)
   = Aᵀ and ``lora_b`` (r, out) = Bᵀ. Its output is ``x @ kernel + bias + x @ lora_a @ lora_b``.
+* the linear layout (weight (out, in)) goes through NNX's other LoRA API, the wrapper ``nnx.LoRA(in, r, out,
+  base_module=nnx.Einsum("...i,oi->...o", (out, in)))``: output ``x @ lora_a @ lora_b + base_module(x)``. So
+  both of NNX's forms (the ``LoRALinear`` subclass and the ``LoRA`` wrapper) are checked, one per layout.
 * no scaling (no alpha), no dropout: only scaling-1 cases (``lora_alpha == r``) without a keep-mask are expressible.
 * float64 needs ``jax_enable_x64``, which the driver switches on (JAX is otherwise float32-only); the tensors are
   created in the case's dtype (``param_dtype`` / ``lora_param_dtype``).
 * trainable: NNX has no global switch; its documented LoRA recipe differentiates w.r.t. ``nnx.LoRAParam`` only
   (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). A trainable bias is ``nnx.Any(nnx.LoRAParam,
   nnx.PathContains("bias"))``: the driver passes that filter to ``nnx.grad`` (``nnx.DiffState``).
-* merge: NNX's LoRA has no merge.
+* merge: NNX's LoRA has no merge (flax/nnx/nn/lora.py defines LoRA, LoRALinear and LoRAParam only).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupporte
 
 name = "flax-nnx"
 capabilities = Capabilities(
-    layer_layouts=frozenset({"conv1d"}),
+    layer_layouts=frozenset({"conv1d", "linear"}),
     model_level=False,
     lora_alpha=False,
     rslora=False,
@@ -36,7 +39,8 @@ capabilities = Capabilities(
     merge=False,
     notes={
         "model_level": "Flax ships no GPT-2 in NNX",
-        "layer_layouts": "nnx.Linear's kernel is (in, out): the conv1d layout",
+        "layer_layouts": "conv1d: nnx.LoRALinear (kernel (in, out)); linear: the wrapper nnx.LoRA(base_module="
+        "nnx.Einsum('...i,oi->...o')) around a kernel (out, in)",
         "lora_alpha": "nnx.LoRA has no scaling: only lora_alpha == r (scaling 1) is expressible",
         "rslora": "no scaling at all",
         "dropout_mask_injection": "nnx.LoRA has no dropout",
@@ -73,15 +77,26 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    in_f, out_f = case.weight.shape
     dtype = getattr(jnp, case.dtype)
-    layer = nnx.LoRALinear(in_f, out_f, lora_rank=case.r, use_bias=case.bias is not None, param_dtype=dtype,
-                           lora_param_dtype=dtype, rngs=nnx.Rngs(case.seed))  # fmt: skip
-    layer.kernel.set_value(kernel)  # (in, out)
-    if case.bias is not None:
-        layer.bias.set_value(_jnp(case.bias, case.dtype))
-    layer.lora.lora_a.set_value(_jnp(case.lora_A[None].T, case.dtype))  # (in, r)
-    layer.lora.lora_b.set_value(_jnp(case.lora_B[None].T, case.dtype))  # (r, out)
+    if case.layout == "conv1d":  # the subclass API: nnx.LoRALinear
+        in_f, out_f = case.weight.shape
+        layer = nnx.LoRALinear(in_f, out_f, lora_rank=case.r, use_bias=case.bias is not None, param_dtype=dtype,
+                               lora_param_dtype=dtype, rngs=nnx.Rngs(case.seed))  # fmt: skip
+        layer.kernel.set_value(kernel)  # (in, out)
+        if case.bias is not None:
+            layer.bias.set_value(_jnp(case.bias, case.dtype))
+        lora, prefix = layer.lora, "lora."
+    else:  # the wrapper API: nnx.LoRA(base_module=...) around an Einsum with the (out, in) kernel
+        out_f, in_f = case.weight.shape
+        base = nnx.Einsum("...i,oi->...o", (out_f, in_f), (out_f,) if case.bias is not None else None,
+                          param_dtype=dtype, rngs=nnx.Rngs(case.seed))  # fmt: skip
+        base.kernel.set_value(kernel)  # (out, in)
+        if case.bias is not None:
+            base.bias.set_value(_jnp(case.bias, case.dtype))
+        layer = lora = nnx.LoRA(in_f, case.r, out_f, base_module=base, param_dtype=dtype, rngs=nnx.Rngs(case.seed))
+        prefix = ""
+    lora.lora_a.set_value(_jnp(case.lora_A[None].T, case.dtype))  # (in, r)
+    lora.lora_b.set_value(_jnp(case.lora_B[None].T, case.dtype))  # (r, out)
     trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("bias")) if case.bias_trainable else nnx.LoRAParam
 
     def objective(model, x):
@@ -90,9 +105,11 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     grads, dx = nnx.grad(objective, argnums=(nnx.DiffState(0, trainable), 1))(layer, x)
     flat = {".".join(str(k) for k in path): v.get_value() for path, v in nnx.to_flat_state(grads)}
     out = {"y": _np(layer(x)), "dx": _np(dx)}
-    rename = {"lora.lora_a": "lora_A", "lora.lora_b": "lora_B", "kernel": "weight", "bias": "bias"}
+    rename = {f"{prefix}lora_a": "lora_A", f"{prefix}lora_b": "lora_B", "kernel": "weight", "bias": "bias",
+              "base_module.kernel": "weight", "base_module.bias": "bias"}  # fmt: skip
     for path, grad in flat.items():
-        out[rename.get(path, path)] = _np(grad).T if path.startswith("lora.") else _np(grad)
+        is_lora = rename.get(path) in ("lora_A", "lora_B")
+        out[rename.get(path, path)] = _np(grad).T if is_lora else _np(grad)
     out["trainable"] = np.array(sorted(rename.get(p, p) for p in flat), dtype=str)
     return out
 

@@ -23,7 +23,13 @@ Mapping (keras/src/layers/core/dense.py, einsum_dense.py; keras_hub/src/models/b
   attn.c_proj -> ``attention_output`` (kernel (heads, head_dim, hidden): ``lora_kernel_a`` (heads, head_dim, r)
   is Aᵀ reshaped, an ordinary rank-r update), mlp.c_fc -> ``feedforward_intermediate_dense``, mlp.c_proj ->
   ``feedforward_output_dense``; every block gets the same layers.
-* merge: Keras folds LoRA into the kernel only when saving (``save_own_variables``); no merge/unmerge API.
+* layout "linear" (weight (out, in)): Keras's own ``EinsumDense("...i,oi->...o")``, whose kernel is (out, in).
+  Its ``enable_lora`` factors the kernel the same way (``lora_kernel_a`` = kernel.shape[:-1] + (r,) = (out, r),
+  ``lora_kernel_b`` (r, in), kernel ``W + (lora_alpha / rank) · a @ b``), so there ``lora_kernel_a`` = B and
+  ``lora_kernel_b`` = A (the gradients are mapped back by name).
+* merge: Keras folds LoRA into the kernel when saving: ``save_own_variables(store)`` writes the merged kernel
+  (``_get_kernel_with_merged_lora``); ``merged_y`` is the forward of a LoRA-free layer after
+  ``load_own_variables(store)`` (what a saved-and-reloaded layer computes). There is no unmerge.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupporte
 
 name = "keras"
 capabilities = Capabilities(
-    layer_layouts=frozenset({"conv1d"}),
+    layer_layouts=frozenset({"conv1d", "linear"}),
     model_level=True,
     lora_alpha=True,
     model_lora_alpha=False,
@@ -59,10 +65,11 @@ capabilities = Capabilities(
     rank_alpha_pattern=False,
     position_ids=False,
     padding=True,
-    merge=False,
+    merge=True,
+    unmerge=False,
     adapter_files=False,
     notes={
-        "layer_layouts": "Dense's kernel is (in, out): the conv1d layout",
+        "layer_layouts": "conv1d: Dense (kernel (in, out)); linear: EinsumDense('...i,oi->...o') (kernel (out, in))",
         "model_lora_alpha": "GPT2Backbone.enable_lora(rank) passes no alpha: scaling 1 (lora_alpha == r) only",
         "lora_alpha": "Dense.enable_lora(rank, lora_alpha) scales by lora_alpha / rank; at model level "
         "GPT2Backbone.enable_lora(rank) passes no alpha, so only lora_alpha == r",
@@ -77,8 +84,24 @@ capabilities = Capabilities(
         "layers_to_transform": "enable_lora adapts every block",
         "rank_alpha_pattern": "one rank for every layer",
         "position_ids": "GPT2Backbone computes positions itself",
-        "merge": "no merge/unmerge API (LoRA is folded into the kernel only when saving)",
+        "merge": "mapped: save_own_variables folds LoRA into the saved kernel (the only merge Keras has)",
+        "unmerge": "no unmerge: load_own_variables of a merged kernel zeroes the LoRA kernels",
         "adapter_files": "keras-hub saves .lora.h5 files of its own, not PEFT's format",
+        "target_modules_all_linear": "enable_lora(rank, target_layer_names) takes names; keras-hub's q/k/v LoRA is "
+        "per head, so every projection cannot be targeted as LoRA",
+        "exclude_modules": "enable_lora takes the names to adapt, no exclusion",
+        "runtime_scaling": "no set_scale / scale_layer: lora_alpha / lora_rank is fixed by enable_lora",
+        "embedding_lora": "Embedding.enable_lora exists, but GPT2Backbone.enable_lora never targets the token embedding",
+        "trainable_tokens": "Keras has no trainable-token (selected embedding rows) API",
+        "adapter_switching": "one LoRA per layer (enable_lora can be called once); no switching",
+        "model_merge": "no merge / unmerge API: LoRA is folded into the kernel only when saving",
+        "merge_and_unload": "keras-hub saves its own format, not HF's GPT-2 checkpoint",
+        "dora": "Keras has no DoRA",
+        "init_methods": "enable_lora's a_initializer / b_initializer (he_uniform / zeros) are not PEFT's inits; not "
+        "driven at model level",
+        "multi_adapter": "one LoRA per layer",
+        "mixed_batch": "one LoRA per layer",
+        "weighted_combinations": "no adapter combination API",
     },
 )
 
@@ -110,25 +133,61 @@ def _assign(variable, value: np.ndarray) -> None:
     variable.assign(np.asarray(value, dtype=np.float64).astype(variable.dtype))
 
 
+def _plain_layer(case: LayerCase, lora: dict | None = None):
+    """The case's base layer: ``Dense`` (conv1d layout, kernel (in, out)) or ``EinsumDense`` with a kernel (out, in)
+    (linear layout), built, holding the case's weight and bias. ``lora``: constructor arguments (``lora_rank``,
+    ``lora_alpha``), Keras's other way to add LoRA (``build`` then calls ``enable_lora``)."""
+    keras = _keras()
+    lora = lora or {}
+    if case.layout == "conv1d":
+        in_f, out_f = case.weight.shape
+        layer = keras.layers.Dense(out_f, use_bias=case.bias is not None, dtype=case.dtype, **lora)
+    else:
+        out_f, in_f = case.weight.shape
+        layer = keras.layers.EinsumDense("...i,oi->...o", output_shape=(out_f,),
+                                         bias_axes="o" if case.bias is not None else None, dtype=case.dtype, **lora)  # fmt: skip
+    layer.build((None,) * (case.x.ndim - 1) + (in_f,))  # the case's input rank (EinsumDense checks it)
+    # Keras's own weights API (``kernel`` is a computed property once LoRA is on); it zeroes the LoRA kernels
+    store = {"0": np.asarray(case.weight, dtype=np.float64).astype(case.dtype)}  # the case's layout
+    if case.bias is not None:
+        store["1"] = np.asarray(case.bias, dtype=np.float64).astype(case.dtype)
+    layer.load_own_variables(store)
+    return layer
+
+
+def _lora_layer(case: LayerCase):
+    """The case's layer with LoRA, holding the case's A and B. Both of Keras's APIs are checked, chosen by the
+    case's seed: an even seed calls ``enable_lora(r, lora_alpha)`` on the built layer, an odd one passes
+    ``lora_rank`` / ``lora_alpha`` to the constructor."""
+    if case.seed % 2:
+        layer = _plain_layer(case, {"lora_rank": case.r, "lora_alpha": case.lora_alpha})
+        if not layer.lora_enabled:
+            raise RuntimeError("keras did not enable LoRA from the constructor arguments")  # a driver bug
+    else:
+        layer = _plain_layer(case)
+        layer.enable_lora(case.r, lora_alpha=case.lora_alpha)
+    if case.layout == "conv1d":
+        _assign(layer.lora_kernel_a, case.lora_A[None].T)  # (in, r)
+        _assign(layer.lora_kernel_b, case.lora_B[None].T)  # (r, out)
+    else:
+        _assign(layer.lora_kernel_a, case.lora_B[None])  # (out, r): a @ b = B A
+        _assign(layer.lora_kernel_b, case.lora_A[None])  # (r, in)
+    return layer
+
+
 def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     refuse_unsupported(case, capabilities, name)
-    keras = _keras()
-    in_f, out_f = case.weight.shape
-    layer = keras.layers.Dense(out_f, use_bias=case.bias is not None, dtype=case.dtype)
-    layer.build((None, in_f))
-    _assign(layer.kernel, case.weight)  # (in, out)
-    if case.bias is not None:
-        _assign(layer.bias, case.bias)
-    layer.enable_lora(case.r, lora_alpha=case.lora_alpha)
-    _assign(layer.lora_kernel_a, case.lora_A[None].T)  # (in, r)
-    _assign(layer.lora_kernel_b, case.lora_B[None].T)  # (r, out)
+    layer = _lora_layer(case)
     x = to_torch(case.x, case.dtype, requires_grad=True)
     y = layer(x, training=False)
     trainable = {v.path.split("/")[-1]: v for v in layer.trainable_weights}
     rename = {"lora_kernel_a": "lora_A", "lora_kernel_b": "lora_B", "kernel": "weight", "bias": "bias"}
+    if case.layout == "linear":
+        rename.update(lora_kernel_a="lora_B", lora_kernel_b="lora_A")
     leaves = {rename.get(k, k): v.value for k, v in trainable.items()}
     out = torch_layer_results(y, x, case.dy, leaves)
-    out["lora_A"], out["lora_B"] = out["lora_A"].T, out["lora_B"].T  # (r, in), (out, r)
+    if case.layout == "conv1d":
+        out["lora_A"], out["lora_B"] = out["lora_A"].T, out["lora_B"].T  # (r, in), (out, r)
     if "bias" in out and not case.bias_trainable:
         out.pop("bias")  # its gradient is not asked for; that it trains shows in ``trainable``
     out["trainable"] = np.array(sorted(leaves), dtype=str)
@@ -136,7 +195,18 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    raise NotSupported(f"{name}: {capabilities.notes['merge']}")
+    """``save_own_variables``'s merged kernel (the case's layout) and the forward of a LoRA-free layer that
+    ``load_own_variables`` filled with it; no unmerge (capability unmerge=False)."""
+    import torch
+
+    refuse_unsupported(case, capabilities, name)
+    store: dict = {}
+    _lora_layer(case).save_own_variables(store)
+    plain = _plain_layer(case)
+    plain.load_own_variables(store)
+    with torch.no_grad():
+        merged_y = plain(to_torch(case.x, case.dtype), training=False)
+    return {"merged_weight": to_numpy(torch.as_tensor(store["0"])), "merged_y": to_numpy(merged_y)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,14 +117,19 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    """``LoRALinear.merge()``: ``merged_weight`` (out, in) and ``merged_y`` (eval-mode forward of the merged
-    layer); no ``unmerged_weight``: litgpt has no unmerge (capability unmerge=False)."""
+    """``LoRALinear.merge()`` (even case seeds) or litgpt's functional ``merge_lora_weights(model)`` (odd seeds),
+    its two merge APIs: ``merged_weight`` (out, in) and ``merged_y`` (eval-mode forward of the merged layer); no
+    ``unmerged_weight``: litgpt has no unmerge (capability unmerge=False)."""
     import torch
+    from litgpt.lora import merge_lora_weights
 
     refuse_unsupported(case, capabilities, name)
     layer = _build(case)
     layer.eval()
-    layer.merge()
+    if case.seed % 2:
+        merge_lora_weights(layer)  # every LoRALinear among model.modules(): here the layer itself
+    else:
+        layer.merge()
     with torch.no_grad():
         merged_y = layer(to_torch(case.x, case.dtype))
     return {"merged_weight": to_numpy(layer.linear.weight), "merged_y": to_numpy(merged_y)}

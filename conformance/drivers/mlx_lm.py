@@ -21,12 +21,13 @@ Mapping (mlx_lm/tuner/lora.py, mlx_lm/tuner/utils.py, mlx_lm/models/gpt2.py):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from conformance.drivers._ecosystem import refuse_unsupported, refuse_unsupported_model, scaling_of
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.drivers._ecosystem import is_all_linear, refuse_unsupported, refuse_unsupported_model, scaling_of
+from conformance.protocol import CAPABILITY_NAMES, Capabilities, LayerCase, ModelCase, NotSupported
 
 name = "mlx-lm"
 capabilities = Capabilities(
@@ -40,7 +41,7 @@ capabilities = Capabilities(
     dtypes=frozenset({"float64", "float32", "bfloat16"}),
     target_modules_list=True,
     target_modules_regex=False,
-    layers_to_transform=False,
+    layers_to_transform=True,
     rank_alpha_pattern=False,
     position_ids=False,
     padding=False,
@@ -56,14 +57,35 @@ capabilities = Capabilities(
         "target_modules_list": "as linear_to_lora_layers keys (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), "
         "the same keys in every adapted block",
         "target_modules_regex": "keys are module paths inside a block, not patterns",
-        "layers_to_transform": "num_layers adapts the last N blocks only",
+        "layers_to_transform": "as linear_to_lora_layers' num_layers, which adapts the last N blocks: a "
+        "layers_to_transform that is not the last N blocks is refused (redrawn)",
         "rank_alpha_pattern": "one rank and scale for every layer",
         "position_ids": "mlx-lm's GPT-2 computes arange(T) positions itself",
         "padding": "mlx-lm's GPT-2 takes no attention mask (causal only)",
         "unmerge": "LoRALinear.fuse() returns a fused copy; there is no unmerge",
         "adapter_files": "mlx-lm saves adapters.safetensors with its own names (lora_a (in, r)), not PEFT's format",
+        "target_modules_all_linear": "as linear_to_lora_layers without keys: mlx-lm's own default, every Linear "
+        "of a block",
+        "exclude_modules": "linear_to_lora_layers takes the keys to adapt, no exclusion",
+        "runtime_scaling": "no set_scale / scale_layer: LoRALinear.scale is one number set at conversion",
+        "embedding_lora": "LoRAEmbedding exists, but mlx-lm's GPT-2 ties wte to the output and the driver does not "
+        "adapt it",
+        "trainable_tokens": "mlx-lm has no trainable-token (selected embedding rows) fine-tuning",
+        "adapter_switching": "one adapter per model (load_adapters replaces the layers); no switching",
+        "model_merge": "fuse() replaces LoRA layers by fused Linear layers: no unmerge (checked at layer level, "
+        "layer.merge.linear)",
+        "merge_and_unload": "mlx_lm.fuse saves mlx-lm's own weight names and layout, not HF's GPT-2 checkpoint",
+        "dora": "DoRALinear (use_dora) is checked at layer level (dora_forward_backward); at model level float64 is "
+        "float32-accurate (docs/findings.md, mlx)",
+        "init_methods": "one init (lora_a ~ U(±1/√in), lora_b = 0), not driven at model level",
+        "multi_adapter": "one adapter per layer: LoRALinear holds one lora_a / lora_b",
+        "mixed_batch": "one adapter per layer",
+        "weighted_combinations": "no adapter combination API",
     },
 )
+
+if "target_modules_all_linear" in CAPABILITY_NAMES:  # a field of issue 13's targets, set when the protocol has it
+    capabilities = dataclasses.replace(capabilities, target_modules_all_linear=True)
 
 MLX_DTYPES = ("float64", "float32", "bfloat16")
 
@@ -160,6 +182,65 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     return out
 
 
+def _build_dora_layer(case: LayerCase, magnitude: np.ndarray | None):
+    """``DoRALinear.from_base`` on the case's layer; ``m`` (out,) as given, else mlx-lm's own initialisation
+    (``set_linear``: the row norms of W, computed in float32)."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.dora import DoRALinear
+
+    out_f, in_f = case.weight.shape
+    linear = nn.Linear(in_f, out_f, bias=case.bias is not None)
+    linear.weight = _mx(case.weight, case.dtype)  # (out, in)
+    if case.bias is not None:
+        linear.bias = _mx(case.bias, case.dtype)
+    linear.freeze()
+    layer = DoRALinear.from_base(linear, r=case.r, dropout=case.lora_dropout, scale=scaling_of(case))
+    layer.lora_a = _mx(case.lora_A[None].T, case.dtype)  # (in, r)
+    layer.lora_b = _mx(case.lora_B[None].T, case.dtype)  # (r, out)
+    if magnitude is not None:
+        layer.m = _mx(magnitude, case.dtype)
+    return layer
+
+
+def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``DoRALinear`` (mlx_lm/tuner/dora.py) on the case: ``y``, ``dx``, ``lora_A``, ``lora_B``, ``magnitude``
+    (the gradients of Σ dy ⊙ y) and ``magnitude_init`` (the magnitude used). Its norm is ``stop_gradient``-ed:
+    the detached-norm convention."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build_dora_layer(case, magnitude)
+    if case.keep_mask is not None and case.lora_dropout > 0:
+        layer.dropout = _mask_dropout(case.keep_mask, case.lora_dropout, case.dtype)
+        layer.train()
+    else:
+        layer.eval()
+    x, dy = _mx(case.x, case.dtype), _mx(case.dy, case.dtype)
+    used = _np(layer.m)
+
+    def objective(trainable, x):
+        layer.update(trainable)
+        return (layer(x) * dy).sum()
+
+    trainable = layer.trainable_parameters()
+    y = layer(x)
+    grads, dx = mx.grad(objective, argnums=(0, 1))(trainable, x)
+    flat = dict(tree_flatten(grads))
+    out = {"y": _np(y), "dx": _np(dx), "magnitude_init": used}
+    rename = {"lora_a": "lora_A", "lora_b": "lora_B", "m": "magnitude", "linear.bias": "bias"}
+    for key, grad in flat.items():
+        out[rename.get(key, key)] = _np(grad).T if key in ("lora_a", "lora_b") else _np(grad)
+    out["trainable"] = np.array(sorted(rename.get(k, k) for k in flat), dtype=str)
+    return out
+
+
+def dora_merge(case: LayerCase, magnitude: np.ndarray) -> dict[str, np.ndarray]:
+    """``DoRALinear.fuse()``: ``merged_weight`` (out, in) = m ⊙ V / ‖V‖ and ``merged_y``; no unmerge."""
+    fused = _build_dora_layer(case, magnitude).fuse()
+    return {"merged_weight": _np(fused.weight), "merged_y": _np(fused(_mx(case.x, case.dtype)))}
+
+
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
     """``fuse()``'s fused layer: ``merged_weight`` (out, in) and ``merged_y``; no unmerge (capability unmerge=False)."""
     refuse_unsupported(case, capabilities, name)
@@ -172,13 +253,14 @@ def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lora_keys(case: ModelCase) -> tuple[list[str], int, dict]:
-    """The ``keys`` and ``num_layers`` of linear_to_lora_layers for the case, or NotSupported."""
+def _lora_keys(case: ModelCase) -> tuple[list[str] | None, int, dict]:
+    """The ``keys`` (None: every Linear, for all-linear) and ``num_layers`` of linear_to_lora_layers for the case,
+    and reflora's plan; NotSupported when mlx-lm cannot express it."""
     from reflora.targets import plan_lora
 
     refuse_unsupported_model(case, capabilities, name)
     lora = case.lora
-    if isinstance(lora.target_modules, str):
+    if isinstance(lora.target_modules, str) and not is_all_linear(lora.target_modules):
         raise NotSupported(f"{name}: {capabilities.notes['target_modules_regex']}")
     if lora.qkv_slices is not None:
         raise NotSupported(f"{name}: {capabilities.notes['per_slice_qkv']}")
@@ -189,9 +271,14 @@ def _lora_keys(case: ModelCase) -> tuple[list[str], int, dict]:
     for module in plan.values():
         kinds_by_layer.setdefault(module.layer, set()).add(module.kind)
     kinds = set().union(*kinds_by_layer.values())
-    if any(k != kinds for k in kinds_by_layer.values()) or len(kinds_by_layer) != case.config.n_layer:
+    if any(k != kinds for k in kinds_by_layer.values()):
         raise NotSupported(f"{name}: {capabilities.notes['target_modules_list']}")
-    return sorted(kinds), case.config.n_layer, plan
+    num_layers = len(kinds_by_layer)
+    if set(kinds_by_layer) != set(range(case.config.n_layer - num_layers, case.config.n_layer)):
+        raise NotSupported(f"{name}: layers {sorted(kinds_by_layer)}: {capabilities.notes['layers_to_transform']}")
+    if is_all_linear(lora.target_modules):
+        return None, num_layers, plan  # no keys: linear_to_lora_layers adapts every Linear of the block itself
+    return sorted(kinds), num_layers, plan
 
 
 def _build_model(case: ModelCase):
@@ -210,8 +297,10 @@ def _build_model(case: ModelCase):
     model.load_weights(list(model.sanitize(hf).items()), strict=True)
     model.freeze()
     scale = case.lora.lora_alpha / case.lora.r
-    linear_to_lora_layers(model, num_layers, {"rank": case.lora.r, "scale": scale, "dropout": case.lora.lora_dropout,
-                                              "keys": keys})  # fmt: skip
+    config = {"rank": case.lora.r, "scale": scale, "dropout": case.lora.lora_dropout}
+    if keys is not None:
+        config["keys"] = keys
+    linear_to_lora_layers(model, num_layers, config)
     blocks = model.model.h
     live = {}  # mlx parameter path -> (reflora key, transpose)
     for module_name, module in plan.items():

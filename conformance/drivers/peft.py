@@ -67,6 +67,8 @@ _LAYER_NAMES = {
     "layer.lora_B.default.weight": "lora_B",
     "layer.base_layer.bias": "bias",
     "layer.base_layer.weight": "weight",
+    "layer.lora_B.default.bias": "lora_B_bias",  # lora_bias=True
+    "layer.lora_magnitude_vector.default.weight": "magnitude",  # use_dora=True
 }
 
 
@@ -84,6 +86,11 @@ class PeftDriver:
         target_modules_regex=True,
         layers_to_transform=True,
         rank_alpha_pattern=True,
+        target_modules_all_linear=True,
+        exclude_modules=True,
+        runtime_scaling=True,
+        embedding_lora=True,
+        trainable_tokens=True,
         position_ids=True,
         padding=True,
         merge=True,
@@ -93,12 +100,18 @@ class PeftDriver:
         merge_and_unload=True,
         dora=True,
         lora_bias=True,
-        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora"}),
+        layer_lora_bias=True,
+        layer_dora=True,
+        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora", "orthogonal", "pissa_niter"}),
         multi_adapter=True,
         mixed_batch=True,
-        weighted_combinations=frozenset({"cat", "linear", "svd"}),
+        weighted_combinations=frozenset(
+            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"}
+        ),
         notes={
             "per_slice_qkv": PER_SLICE_NOTE,
+            "layer_dora_full_norm": "PEFT's DoRA always detaches the weight norm (tuners/lora/dora.py, "
+            "DoraLinearLayer.forward: weight_norm = weight_norm.detach(), as the DoRA paper §4.3 suggests)",
             "init_methods": "PiSSA and OLoRA run in float32 (PEFT refuses float64 for them)",
             "dropout_mask_injection": "lora_dropout['default'] is replaced by x·mask/(1 − p), what nn.Dropout "
             "computes for that mask",
@@ -117,6 +130,8 @@ class PeftDriver:
     def _layer(self, case: LayerCase) -> _Holder:
         if case.qkv_slices:
             raise NotSupported(PER_SLICE_NOTE)
+        if case.dora_norm != "detached":
+            raise NotSupported("PEFT's DoRA always detaches the weight norm (lora/dora.py: weight_norm.detach())")
         dtype = bridge.TORCH_DTYPES[case.dtype]
         in_f, out_f = case.x.shape[-1], case.dy.shape[-1]
         if case.layout == "linear":
@@ -134,7 +149,8 @@ class PeftDriver:
         bias_mode = "lora_only" if case.bias_trainable else "none"
         config = PeftLoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=case.lora_dropout,
                                 use_rslora=case.use_rslora, bias=bias_mode, target_modules=["layer"],
-                                fan_in_fan_out=case.layout == "conv1d")  # fmt: skip
+                                fan_in_fan_out=case.layout == "conv1d", lora_bias=case.lora_bias_B is not None,
+                                use_dora=case.magnitude is not None)  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             holder = inject_adapter_in_model(config, holder)
@@ -143,6 +159,10 @@ class PeftDriver:
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(torch.from_numpy(case.lora_A[None]))
             layer.lora_B["default"].weight.copy_(torch.from_numpy(case.lora_B[None]))
+            if case.lora_bias_B is not None:  # layer.lora_bias.*
+                layer.lora_B["default"].bias.copy_(torch.from_numpy(case.lora_bias_B))
+            if case.magnitude is not None:  # layer.dora.*: PEFT set m = ‖W + sBA‖ at injection; the case's m
+                layer.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(case.magnitude))
         if case.keep_mask is not None:
             layer.lora_dropout["default"] = bridge.MaskDropout(_t(case.keep_mask, case.dtype), case.lora_dropout)
             holder.train()
@@ -179,6 +199,8 @@ class PeftDriver:
         if case.lora.qkv_slices is not None:
             raise NotSupported(PER_SLICE_NOTE)
         model = bridge.build_peft_model(case.config, case.params, case.lora, case.adapter, case.dtype)
+        if case.scale_ops:
+            bridge.apply_scale_ops(model, case.scale_ops)
         if case.dropout_masks:
             bridge.inject_dropout_masks(model, case.dropout_masks, case.lora.lora_dropout, case.dtype)
         else:
@@ -323,7 +345,9 @@ class PeftDriver:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.add_weighted_adapter(list(c["names"]), list(c["weights"]), COMBINED,
-                                       combination_type=c["combination_type"], svd_rank=c["svd_rank"])  # fmt: skip
+                                       combination_type=c["combination_type"], svd_rank=c["svd_rank"],
+                                       density=c.get("density"),
+                                       majority_sign_method=c.get("majority_sign_method", "total"))  # fmt: skip
         model.eval()
         model.base_model.set_adapter(COMBINED)
         deltas, bias_deltas = {}, {}

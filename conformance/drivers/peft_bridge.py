@@ -87,8 +87,22 @@ def build_peft_model(
     return peft_model
 
 
+def apply_scale_ops(peft_model, ops) -> None:
+    """Runtime scaling: each op of ``ops`` (``("set_scale", adapter, c)``, ``("scale_layer", c)``,
+    ``("unscale_layer", c_or_None)``), in order, on every ``LoraLayer`` of the model (PEFT's own methods)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    for kind, *args in ops:
+        for layer in layers:
+            getattr(layer, kind)(*args)
+
+
 def live_adapter_name(file_key: str) -> str:
-    """The live parameter name of an adapter file key: ``...lora_A.weight`` -> ``...lora_A.default.weight``."""
+    """The live parameter name of an adapter file key: ``...lora_A.weight`` -> ``...lora_A.default.weight``;
+    Embedding LoRA's ``...wte.lora_embedding_A`` (a bare ``nn.Parameter``) -> ``...wte.lora_embedding_A.default``."""
+    if file_key.endswith((".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens_delta")):
+        return f"{file_key}.default"
     head, _, tail = file_key.rpartition(".")  # tail == "weight"
     return f"{head}.default.{tail}"
 
@@ -96,6 +110,8 @@ def live_adapter_name(file_key: str) -> str:
 def live_base_name(hf_key: str, plan: Mapping) -> str:
     """The live parameter name of a base tensor inside the PEFT model (targeted modules gain ``base_layer``)."""
     module, _, leaf = hf_key.rpartition(".")
+    if f"{module}.token_adapter" in plan:  # trainable tokens: TrainableTokensWrapper(token_adapter(base_layer))
+        return f"{ADAPTER_PREFIX}{module}.token_adapter.base_layer.{leaf}"
     if module in plan:
         return f"{ADAPTER_PREFIX}{module}.base_layer.{leaf}"
     return f"{ADAPTER_PREFIX}{hf_key}"
@@ -209,6 +225,8 @@ def live_adapter_param(file_key: str, adapter_name: str) -> str:
     """
     if file_key.endswith(".lora_magnitude_vector"):
         return f"{file_key}.{adapter_name}.weight"
+    if file_key.endswith((".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens_delta")):  # bare Parameters
+        return f"{file_key}.{adapter_name}"
     head, _, tail = file_key.rpartition(".")
     return f"{head}.{adapter_name}.{tail}"
 
@@ -346,6 +364,8 @@ def reflora_key(live_name: str) -> str:
     ``base_model.model.<m>.lora_A.default.weight`` -> ``base_model.model.<m>.lora_A.weight`` (adapter key);
     ``base_model.model.<m>.base_layer.bias`` and ``base_model.model.<m>.bias`` -> ``<m>.bias`` (HF base key).
     """
+    if ".lora_embedding_" in live_name or ".trainable_tokens_delta." in live_name:  # ``<key>.default`` -> ``<key>``
+        return live_name.removesuffix(".default")
     if ".lora_" in live_name:
         return live_name.replace(".default.", ".")
     return live_name.removeprefix(ADAPTER_PREFIX).replace(".base_layer.", ".")

@@ -34,6 +34,11 @@ class ReferenceDriver:
         target_modules_regex=True,
         layers_to_transform=True,
         rank_alpha_pattern=True,
+        target_modules_all_linear=True,
+        exclude_modules=True,
+        runtime_scaling=True,
+        embedding_lora=True,
+        trainable_tokens=True,
         position_ids=True,
         padding=True,
         merge=True,
@@ -43,10 +48,15 @@ class ReferenceDriver:
         merge_and_unload=True,
         dora=True,
         lora_bias=True,
-        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora"}),
+        layer_lora_bias=True,
+        layer_dora=True,
+        layer_dora_full_norm=True,
+        init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora", "orthogonal", "pissa_niter"}),
         multi_adapter=True,
         mixed_batch=True,
-        weighted_combinations=frozenset({"cat", "linear", "svd"}),
+        weighted_combinations=frozenset(
+            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"}
+        ),
         notes={"dtypes": "NumPy has no bfloat16"},
     )
 
@@ -60,7 +70,10 @@ class ReferenceDriver:
         return case.dtype
 
     def layer_forward_backward(self, case: LayerCase) -> dict:
-        out = expectations.layer_forward_backward(case, self._dtype(case))
+        if case.lora_bias_B is not None or case.magnitude is not None:  # layer_lora_bias / layer_dora
+            out = expectations.layer_adapted_forward_backward(case, self._dtype(case))
+        else:
+            out = expectations.layer_forward_backward(case, self._dtype(case))
         out["trainable"] = np.array(out["trainable"])
         return out
 

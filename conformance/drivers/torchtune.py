@@ -130,14 +130,12 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
     return out
 
 
-def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
-    """``get_merged_lora_ckpt`` on the layer's state dict: ``merged_weight`` (out, in), and ``merged_y`` from
-    an ``nn.Linear`` holding the merged state dict (what torchtune's export produces); no unmerge."""
+def _merged_state(case: LayerCase, layer) -> dict[str, np.ndarray]:
+    """``get_merged_lora_ckpt`` on ``layer``'s state dict (LoRA, or DoRA when it holds a magnitude): the merged
+    ``weight`` and the forward of a plain ``nn.Linear`` holding the merged state dict (torchtune's export)."""
     import torch
     from torchtune.modules.peft import get_merged_lora_ckpt
 
-    refuse_unsupported(case, capabilities, name)
-    layer = _build(case)
     state = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
     merged = get_merged_lora_ckpt(state, rank=case.r, alpha=case.lora_alpha)
     out_f, in_f = case.weight.shape
@@ -146,6 +144,28 @@ def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
     with torch.no_grad():
         merged_y = plain(to_torch(case.x, case.dtype))
     return {"merged_weight": to_numpy(merged["layer.weight"]), "merged_y": to_numpy(merged_y)}
+
+
+def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``DoRALinear``'s state dict through ``get_merged_lora_ckpt`` (W' = m ⊙ V/‖V‖): ``merged_weight``,
+    ``merged_y``; no unmerge."""
+    import torch
+
+    refuse_unsupported(case, capabilities, name)
+    layer = _build(case, dora=True)
+    with torch.no_grad():
+        if magnitude is None:
+            layer.initialize_dora_magnitude()
+        else:
+            layer.magnitude.copy_(to_torch(magnitude, case.dtype))
+    return _merged_state(case, layer)
+
+
+def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
+    """``get_merged_lora_ckpt`` on the layer's state dict: ``merged_weight`` (out, in), and ``merged_y`` from
+    an ``nn.Linear`` holding the merged state dict (what torchtune's export produces); no unmerge."""
+    refuse_unsupported(case, capabilities, name)
+    return _merged_state(case, _build(case))
 
 
 def model_forward_backward(case: ModelCase) -> dict:

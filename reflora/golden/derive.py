@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from reflora.golden.spec import (
     load_spec,
     merged_keys,
     spec_configs,
-    stored_spec,
+    stored_spec_json,
 )
 from reflora.init import draw_dropout_masks, init_gpt2_params
 from reflora.lora_init import init_adapter
@@ -64,6 +63,8 @@ def draw_case(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     7. dropout masks (lora_dropout > 0 and dropout "train"): ``draw_dropout_masks(plan, p, B, T, rng)``, the
        first adapter's, then each extra adapter's (its own p), sorted by name
     8. dlogits (objective "dlogits"): ``rng.standard_normal((B, T, V))``
+    9. ``zero_norm_rows`` (no draw): each entry's output row of ``base/<module>.weight`` and of its lora_B set
+       to 0 (the DoRA magnitude keeps its drawn value)
 
     Values are drawn in float64 and cast to ``spec["dtype"]``.
     """
@@ -125,6 +126,10 @@ def draw_case(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
             tensors.update({f"{dropout_prefix(name)}{m}": v.astype(dtype) for m, v in masks.items()})
     if spec["objective"] == "dlogits":
         tensors["dlogits"] = rng.standard_normal((b, t, config.vocab_size)).astype(dtype)
+    for entry in spec.get("zero_norm_rows", []):  # 9. no draw: row o of W (a Conv1D column) and of lora_B zeroed
+        (branch,) = plan_lora(config, lora)[entry["module"]].branches
+        tensors[f"base/{entry['module']}.weight"][:, entry["row"]] = 0
+        tensors[f"adapter/{branch.b_key}"][entry["row"], :] = 0
     return tensors
 
 
@@ -250,7 +255,8 @@ def compute_outputs(case: GoldenCase) -> dict[str, np.ndarray]:
     if weighted is not None:
         combined, tensors = add_weighted_adapter(
             case.config, case.all_adapters(), weighted["adapters"], weighted["weights"],
-            weighted["combination_type"], weighted["svd_rank"],
+            weighted["combination_type"], weighted["svd_rank"], weighted.get("density"),
+            weighted.get("majority_sign_method", "total"),
         )  # fmt: skip
         out.update({f"weighted/{k}": v for k, v in tensors.items()})
         out["weighted/r"] = np.asarray(combined.r, dtype=np.int64)
@@ -271,7 +277,7 @@ def generate_case(spec: Mapping[str, Any] | str | Path) -> tuple[dict[str, np.nd
     tensors = {name: np.asarray(tensors[name], dtype=dtype, order="C") for name, (_, dtype) in layout.items()}
     metadata = {
         "format": FORMAT,
-        "spec": json.dumps(stored_spec(spec), sort_keys=True),
+        "spec": stored_spec_json(spec),
         "reflora_version": __version__,
         "numpy_version": np.__version__,
     }

@@ -9,6 +9,7 @@ From a filled spec follow reflora's configs (``spec_configs``, ``adapter_configs
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -20,8 +21,8 @@ from reflora.checkpoint import read_json
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.lora_init import INIT_KINDS
 from reflora.model import adapter_trainable_keys, trainable_keys
-from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, plan_lora
-from reflora.weighted import COMBINATION_TYPES, combined_config, combined_rank
+from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, dropout_plan, plan_lora
+from reflora.weighted import COMBINATION_TYPES, MAJORITY_SIGN_METHODS, PRUNED_TYPES, combined_config, combined_rank
 
 FORMAT = "reflora-golden/1"  # the format tag of every fixture's __metadata__ and of the manifest
 
@@ -57,6 +58,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "merge": False,
     "weighted": None,
     "dora_full_gradient": False,
+    "zero_norm_rows": [],  # DoRA rows of zero norm: [{"module", "row"}], that row of W and of B zeroed (draw_case)
 }
 ADAPTER_INITS = ("test", "peft")
 FULL_GRADIENT_PREFIX = "grad_dora_full/"  # dora_full_gradient: the exact gradient, DoRA's norm not detached
@@ -130,7 +132,32 @@ def load_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if spec["lora"] is None and not spec["train_base"]:
         raise ConfigError("spec.train_base=false with spec.lora=null leaves nothing to differentiate")
     _fill_advanced(spec, config)
+    _check_zero_norm_rows(spec, config)
     return spec
+
+
+def _check_zero_norm_rows(spec: dict[str, Any], config: GPT2Config) -> None:
+    """``spec.zero_norm_rows``: a list of ``{"module": <a DoRA module of spec.lora>, "row": o}``, 0 ≤ o < out;
+    ``draw_case`` zeroes output row o of that module's W (a Conv1D column) and of its lora_B, so the row of
+    V = Wt + s·B A has norm 0 (docs/advanced-semantics.md, DoRA, "A row of zero norm")."""
+    rows = spec["zero_norm_rows"]
+    if not isinstance(rows, list):
+        raise ConfigError(f"spec.zero_norm_rows must be a list of {{'module', 'row'}} objects, got {rows!r}")
+    if not rows:
+        return
+    lora = spec_configs(spec)[1]
+    if lora is None or not lora.use_dora:
+        raise ConfigError("spec.zero_norm_rows needs spec.lora with use_dora: true")
+    plan = plan_lora(config, lora)
+    for i, entry in enumerate(rows):
+        if not isinstance(entry, Mapping) or set(entry) != {"module", "row"}:
+            raise ConfigError(f"spec.zero_norm_rows[{i}] must be an object with 'module' and 'row', got {entry!r}")
+        if entry["module"] not in plan:
+            raise ConfigError(f"spec.zero_norm_rows[{i}].module {entry['module']!r} is not a module of spec.lora "
+                              f"(one of {sorted(plan)})")  # fmt: skip
+        out = plan[entry["module"]].out_features
+        if isinstance(entry["row"], bool) or not isinstance(entry["row"], int) or not 0 <= entry["row"] < out:
+            raise ConfigError(f"spec.zero_norm_rows[{i}].row must be an integer in [0, {out}), got {entry['row']!r}")
 
 
 def _fill_advanced(spec: dict[str, Any], config: GPT2Config) -> None:
@@ -201,7 +228,9 @@ def _fill_advanced(spec: dict[str, Any], config: GPT2Config) -> None:
         if lora is None or not isinstance(weighted, dict):
             raise ConfigError("spec.weighted must be an object {adapters, weights, combination_type, svd_rank} "
                               "and needs spec.lora")  # fmt: skip
-        weighted = filled_fields(weighted, WEIGHTED_DEFAULTS, "spec.weighted", "a field")
+        pruning = {k: weighted[k] for k in ("density", "majority_sign_method") if k in weighted}  # pruned types only
+        weighted = filled_fields({k: v for k, v in weighted.items() if k not in pruning}, WEIGHTED_DEFAULTS,
+                                 "spec.weighted", "a field")  # fmt: skip
         sources, weights = weighted["adapters"], weighted["weights"]
         if not isinstance(sources, list) or not sources or any(n not in known for n in sources):
             raise ConfigError(f"spec.weighted.adapters must be a non-empty list of names from {known}, got {sources!r}")
@@ -213,6 +242,7 @@ def _fill_advanced(spec: dict[str, Any], config: GPT2Config) -> None:
         if weighted["combination_type"] not in COMBINATION_TYPES:
             raise ConfigError(f"spec.weighted.combination_type must be one of {list(COMBINATION_TYPES)}, "
                               f"got {weighted['combination_type']!r}")  # fmt: skip
+        _check_pruning(weighted, pruning)
         rank = weighted["svd_rank"]
         if rank is not None:
             _check_int("weighted.svd_rank", rank, low=1)
@@ -381,7 +411,8 @@ def fixture_layout(spec: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], 
         layout.update({f"{adapter_prefix(name)}{k}": (shape, f) for k, shape in adapter_shapes(plan).items()})
     for name, plan in plans.items():
         if dropout_masks_drawn(spec, loras[name]):
-            layout.update({f"{dropout_prefix(name)}{m}": ((b, t, mod.in_features), f) for m, mod in plan.items()})
+            masked = dropout_plan(plan)  # wte (Embedding LoRA) takes no mask
+            layout.update({f"{dropout_prefix(name)}{m}": ((b, t, mod.in_features), f) for m, mod in masked.items()})
     layout["logits"] = ((b, t, v), f)
     if spec["objective"] == "loss":
         layout["loss"] = ((), f)
@@ -433,7 +464,47 @@ def is_output(name: str, spec: Mapping[str, Any] | None = None) -> bool:
 
 def stored_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The filled spec as a fixture's metadata and the manifest hold it: the additive keys (``adapter_init``,
-    ``adapters``, ``adapter_names``, ``merge``, ``weighted``, ``dora_full_gradient``) are left out while at their defaults, so that a
+    ``adapters``, ``adapter_names``, ``merge``, ``weighted``, ``dora_full_gradient``, ``zero_norm_rows``) are left out while at their defaults, so that a
     case that does not use them has exactly the bytes it had before they existed. ``load_spec`` fills them."""
     additive = list(SPEC_DEFAULTS)[list(SPEC_DEFAULTS).index("adapter_init") :]
     return {k: v for k, v in spec.items() if not (k in additive and v == SPEC_DEFAULTS[k])}
+
+
+ORDERED_SPEC_KEYS = frozenset({"rank_pattern", "alpha_pattern"})  # dicts whose key order is meaning
+
+
+def stored_spec_json(spec: Mapping[str, Any]) -> str:
+    """``stored_spec(spec)`` as the one-line JSON of a fixture's ``__metadata__.spec``.
+
+    Every object's keys are sorted (``json.dumps(..., sort_keys=True)``, as before), except the objects under a
+    key in ``ORDERED_SPEC_KEYS`` (``rank_pattern``, ``alpha_pattern``): there the first matching key wins
+    (PEFT's ``get_pattern_key``), so their keys keep the spec's order. A spec without pattern keys, or with
+    them already in sorted order, has exactly the bytes ``sort_keys=True`` gave."""
+
+    def ordered(value: Any, keep: bool = False) -> Any:
+        if isinstance(value, Mapping):
+            keys = list(value) if keep else sorted(value)
+            return {k: ordered(value[k], k in ORDERED_SPEC_KEYS) for k in keys}
+        if isinstance(value, list):
+            return [ordered(v) for v in value]
+        return value
+
+    return json.dumps(ordered(stored_spec(spec)))
+
+
+def _check_pruning(weighted: dict[str, Any], pruning: Mapping[str, Any]) -> None:
+    """``spec.weighted.density`` (required, a number ≥ 0) and ``majority_sign_method`` (default ``"total"``)
+    exist only for the pruning combination types (reflora.weighted.PRUNED_TYPES); fills them in ``weighted``."""
+    kind = weighted["combination_type"]
+    if kind not in PRUNED_TYPES:
+        if pruning:
+            raise ConfigError(f"spec.weighted.{next(iter(pruning))} applies only to {list(PRUNED_TYPES)}, not {kind!r}")
+        return
+    density = pruning.get("density")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not math.isfinite(density) or density < 0:
+        raise ConfigError(f"spec.weighted.density: combination_type {kind!r} needs a number >= 0, got {density!r}")
+    method = pruning.get("majority_sign_method", "total")
+    if method not in MAJORITY_SIGN_METHODS:
+        choices = list(MAJORITY_SIGN_METHODS)
+        raise ConfigError(f"spec.weighted.majority_sign_method must be one of {choices}, got {method!r}")
+    weighted["density"], weighted["majority_sign_method"] = float(density), method

@@ -1,7 +1,7 @@
 """The ops of GPT-2 with LoRA, one concern per file, each a ``<op>_forward`` / ``<op>_backward`` pair.
 
 Read them in this order: ``linear`` (the base layer, and the Conv1D/Linear weight layouts), ``lora_linear``
-(LoRA's delta and the layer with LoRA branches), ``dora_linear`` (DoRA's delta), ``embedding``,
+(LoRA's delta and the layer with LoRA branches), ``dora_linear`` (DoRA's delta), ``embedding``, ``lora_embedding`` (LoRA on ``wte``),
 ``layernorm``, ``attention``, ``gelu``, ``crossentropy``. Each module's docstring states the forward and
 derives the backward; docs/ops.md has the full derivations.
 
@@ -27,6 +27,7 @@ from reflora.ops.crossentropy import cross_entropy_backward, cross_entropy_forwa
 from reflora.ops.embedding import embedding_backward, embedding_forward
 from reflora.ops.gelu import gelu_backward, gelu_forward
 from reflora.ops.layernorm import layernorm_backward, layernorm_forward
+from reflora.ops.lora_embedding import lora_embedding_backward, lora_embedding_forward
 from reflora.ops.lora_linear import LoraBranchWeights, lora_linear_backward, lora_linear_forward
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "gelu_forward",
     "layernorm_backward",
     "layernorm_forward",
+    "lora_embedding_backward",
+    "lora_embedding_forward",
     "lora_linear_backward",
     "lora_linear_forward",
 ]

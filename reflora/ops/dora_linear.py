@@ -30,6 +30,16 @@ Backward, with g = dy (N, out), z = x_d Vᵀ = x_d Wtᵀ + s (x_d Aᵀ) Bᵀ (N,
     dx   = g Wt + dx_d ⊙ M / (1 − p)          (M = 1, p = 0 without dropout)
     dWt  = gᵀ x + (g ⊙ (c − 1))ᵀ x_d
 
+A row of zero norm (n_o = 0: V's row o is zero, e.g. a zero row of Wt with a zero row of B, as DoRA's init
+meets it on a pruned weight) has no direction: V_o / ‖V_o‖ is defined as 0 (the convention of a safe
+normalisation), so the row of DoRA's weight m ⊙ V / ‖V‖ is 0 whatever m_o, and
+
+    c_o  = 0,   dm_o = 0                      (``dora_factor``; dc_o = Σ g_o z_o = 0 anyway, as z_o = x_d V_oᵀ = 0)
+
+Its output is x Wt_oᵀ + b_o − x_d Wt_oᵀ (b_o without dropout), the same for every finite c_o, and A, B get no
+gradient through row o. PEFT 0.21 divides by n unguarded and returns NaN there (PEFT #2049; the deviation
+``model.dora.zero_norm_row``, docs/advanced-semantics.md).
+
 ``norm_gradient="detached"`` (PEFT and the DoRA paper §4.3: "we suggest treating ‖V + ΔV‖_c as a constant,
 thereby detaching it from the gradient graph") stops there. ``norm_gradient="full"`` is the exact gradient of
 the forward above: n depends on A, B and Wt through V, and ∂n/∂V = V / n adds
@@ -63,6 +73,13 @@ def dora_weight(weight: Array, A: Array, B: Array, scaling: float, layout: str =
     return V, xp.sqrt(xp.sum(V * V, axis=1))
 
 
+def dora_factor(magnitude: Array, norm: Array) -> Array:
+    """c = m / n (out,), and c_o = 0 where n_o = 0 (a zero row of V has no direction; module docstring)."""
+    xp = namespace(magnitude, norm)
+    nonzero = norm > 0
+    return xp.where(nonzero, magnitude / xp.where(nonzero, norm, 1.0), 0.0)  # (out,)
+
+
 def dora_weight_norm(weight: Array, A: Array, B: Array, scaling: float, layout: str = "conv1d") -> Array:
     """n = ‖Wt + s·B A‖ over the input dimension, (out,): the norm DoRA divides by (and initialises m to)."""
     return dora_weight(weight, A, B, scaling, layout)[1]
@@ -93,7 +110,7 @@ def dora_delta_forward(
     bias, when the caller has already computed it.
     """
     V, norm = dora_weight(weight, A, B, scaling, layout)  # (out, in), (out,)
-    factor = magnitude / norm  # (out,) c
+    factor = dora_factor(magnitude, norm)  # (out,) c
     x_drop = lora_dropout(x, keep_mask, dropout_p)  # (N, in)
     if keep_mask is None and x_weight is not None:
         xd_weight = x_weight  # (N, out)
@@ -129,7 +146,8 @@ def dora_delta_backward(
     xp = namespace(ddelta, weight, A, B)
     x_drop, xd_weight, u, lora_out, V, norm, factor = cache
     dfactor = xp.sum(ddelta * (xd_weight + lora_out), axis=0)  # (out,) dc
-    dmagnitude = dfactor / norm  # (out,)
+    safe_norm = xp.where(norm > 0, norm, 1.0)  # (out,): n, with 1 on zero-norm rows (c = 0, dc = 0 there)
+    dmagnitude = xp.where(norm > 0, dfactor / safe_norm, 0.0)  # (out,)
     g_c = ddelta * factor  # (N, out)
     g_c1 = ddelta * (factor - 1.0)  # (N, out)
     lora_dx, (dA, dB), _ = lora_delta_backward(g_c, (x_drop, u), _unit_branch(A, B), want_dx=want_dx)
@@ -137,7 +155,7 @@ def dora_delta_backward(
     dA = scaling * dA  # (r, in): s ((g ⊙ c) B)ᵀ x_d
     dWt = xp.matmul(xp.matrix_transpose(g_c1), x_drop) if want_dweight else None  # (out, in)
     if norm_gradient == "full":
-        dV = xp.reshape(-dfactor * factor / (norm * norm), (-1, 1)) * V  # (out, in)
+        dV = xp.reshape(-dfactor * factor / (safe_norm * safe_norm), (-1, 1)) * V  # (out, in)
         dB = dB + scaling * xp.matmul(dV, xp.matrix_transpose(A))
         dA = dA + scaling * xp.matmul(xp.matrix_transpose(B), dV)
         if want_dweight:

@@ -147,7 +147,9 @@ def step_products(config: GPT2Config, batch: int, seq_len: int, lora: LoraConfig
     n, inner, d = b * t, config.inner_dim, config.n_embd // config.n_head
     shapes = {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, inner), "mlp.c_proj": (inner, c)}
     plan = plan_lora(config, lora) if lora is not None else {}
-    lowest = -1 if lora is None else min(6 * m.layer + _OP_POSITION[m.kind] for m in plan.values())
+    lowest = -1  # no LoRA, or LoRA on wte (layer -1): down to the embeddings
+    if lora is not None:
+        lowest = min(max(-1, 6 * m.layer + _OP_POSITION.get(m.kind, 0)) for m in plan.values())
     full = lora is None
 
     def linear_forward(layer: int, kind: str) -> list[Product]:

@@ -57,6 +57,14 @@ def register(subparsers) -> None:
         help="seconds (> 0) one driver call, versions() and capabilities included, may take before the candidate "
         "counts as hung (default 120; importing and constructing the driver may take up to 300)",
     )
+    p.add_argument("-n", dest="workers", type=positive_int, metavar="N",
+                   help="split the features over N pytest-xdist worker processes, each with its own candidate "
+                   "worker (needs pytest-xdist; the report is the same as a serial run's)")  # fmt: skip
+    p.add_argument("--fresh-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every feature in a fresh candidate worker process (default: on in the thorough "
+                   "profile, off in ci and dev)")  # fmt: skip
+    p.add_argument("--feature-seed", type=feature_seed, metavar="N", help="shuffle the feature order with this "
+                   "seed (dev and thorough shuffle with a random one the report prints; ci keeps its fixed order)")  # fmt: skip
     p.add_argument("--deviations", metavar="PATH", help="known-deviations JSON (default: the driver's own)")
     p.add_argument("--report-json", metavar="PATH", type=output_file, help="write the machine-readable report here")
     p.add_argument("--junitxml", metavar="PATH", type=output_file, help="write JUnit XML here (pytest's --junitxml)")
@@ -71,6 +79,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="run inside the candidate's own virtual environment (conformance.envs; may install it)",
     )
+    # the adapter-file level (conformance.files; reflora.tools.conform_files): docs/conformance.md
+    p.add_argument("--candidate-cmd", metavar="TEMPLATE", help="check a program in any language on adapter files: "
+                   "a command with {base} {adapter} {input} {out} (docs/conformance.md, Command candidates)")  # fmt: skip
+    p.add_argument("--cmd-merge", action="store_true", help="with --candidate-cmd: it also returns merged results")
+    p.add_argument("--consumer", metavar="NAME", help="check a shipped adapter-file consumer "
+                   "(transformers_load_adapter, peft_from_pretrained) on the file.* features")  # fmt: skip
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
     p.set_defaults(func=run)
 
@@ -78,6 +92,13 @@ def register(subparsers) -> None:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (0 examples would check nothing and pass)."""
     from conformance.options import positive_int as parse
+
+    return parse(text)
+
+
+def feature_seed(text: str) -> int:
+    """argparse type: the seed of a shuffled feature order, a whole number >= 0."""
+    from conformance.options import feature_seed as parse
 
     return parse(text)
 
@@ -108,10 +129,11 @@ def pytest_arguments(args: argparse.Namespace) -> list[str]:
     options = {"--profile": args.profile, "--max-examples": args.max_examples, "--isolation": args.isolation,
                "--candidate-timeout": args.timeout, "--deviations": args.deviations,
                "--report-json": args.report_json, "--junitxml": args.junitxml, "--golden-dir": args.golden_dir,
-               "-k": args.keyword}  # fmt: skip
+               "-k": args.keyword, "-n": getattr(args, "workers", None)}  # fmt: skip
     for flag, value in options.items():
         if value is not None:
             argv += [flag, str(value)]
+    argv += _state_isolation_argv(args)
     extra = list(args.pytest_args or [])
     return argv + (extra[1:] if extra[:1] == ["--"] else extra)
 
@@ -129,13 +151,26 @@ def _forwarded_argv(args: argparse.Namespace) -> list[str]:
                         ("--isolation", args.isolation), ("--timeout", args.timeout),
                         ("--deviations", args.deviations), ("--report-json", args.report_json),
                         ("--junitxml", args.junitxml), ("--golden-dir", args.golden_dir), ("-k", args.keyword),
+                        ("-n", getattr(args, "workers", None)),
                         ("--replay", args.replay), ("--dump", args.dump)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
-    return argv + list(args.pytest_args or [])
+    return argv + _state_isolation_argv(args) + list(args.pytest_args or [])
+
+
+def _state_isolation_argv(args: argparse.Namespace) -> list[str]:
+    """``--fresh-process`` / ``--no-fresh-process`` and ``--feature-seed N``, when given (the same in pytest)."""
+    fresh = getattr(args, "fresh_process", None)
+    argv = [] if fresh is None else ["--fresh-process" if fresh else "--no-fresh-process"]
+    seed = getattr(args, "feature_seed", None)
+    return argv + ([] if seed is None else ["--feature-seed", str(seed)])
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.candidate_cmd or args.consumer:
+        from reflora.tools.conform_files import run_files
+
+        return run_files(args)
     if args.list_candidates:
         from conformance.loader import shipped_drivers
 
@@ -158,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
         return replay(args)
     if args.dump is not None:
         print("reflora conform: --dump needs --replay (it writes one replayed case)", file=sys.stderr)
+        return 2
+    if getattr(args, "workers", None) is not None and importlib.util.find_spec("xdist") is None:
+        print("reflora conform: -n needs pytest-xdist (pip install pytest-xdist, or reflora[conform])", file=sys.stderr)
         return 2
     import os
     import tempfile

@@ -210,6 +210,21 @@ class $class_name:
         layers_to_transform=False,
         # PEFT's rank_pattern / alpha_pattern (per-module r and alpha; the first matching key wins)
         rank_alpha_pattern=False,
+        # PEFT's target_modules="all-linear": every Conv1D of every block, lm_head (the output layer) left out
+        target_modules_all_linear=False,
+        # PEFT's exclude_modules, checked before target_modules: a list (equal name or "." + entry suffix) or a
+        # regex (re.fullmatch). TRAP: a library that ignores it silently adapts the excluded modules too.
+        exclude_modules=False,
+        # ModelCase.scale_ops: PEFT's set_scale(adapter, c) / scale_layer(c) / unscale_layer(c or None) on every
+        # LoRA layer before the forward (model.scaling.*). TRAP: set_scale is absolute (c·alpha/r, c·alpha/√r
+        # under rsLoRA), scale_layer multiplies, unscale_layer(None) resets.
+        runtime_scaling=False,
+        # LoRA on wte (model.embedding.lora): PEFT's lora.Embedding, file keys transformer.wte.lora_embedding_A
+        # (r, vocab) / lora_embedding_B (n_embd, r), no dropout. TRAP: the tied head keeps the base wte.weight
+        embedding_lora=False,
+        # trainable_token_indices (model.embedding.trainable_tokens): chosen wte rows train, stored as
+        # token_adapter.trainable_tokens_delta (K, n_embd), the new rows themselves; the tied head uses them too
+        trainable_tokens=False,
         # explicit position_ids (model.position_ids.with_mask / .without_mask). TRAP (transformers-based
         # libraries): see model_forward_backward below: use_cache changes what the no-mask feature sees.
         position_ids=False,
@@ -233,13 +248,23 @@ class $class_name:
         dora=False,
         # LoraConfig(lora_bias=True): lora_B has a bias b_B; the branch adds s·b_B
         lora_bias=False,
-        # init_adapter(case): the library's own inits, subset of {"true", "gaussian", "false", "pissa", "olora"}
+        # layer level (layer.lora_bias.*): layer_forward_backward with case.lora_bias_B (out,) set; return its
+        # gradient as "lora_B_bias"
+        layer_lora_bias=False,
+        # layer level (layer.dora.*): layer_forward_backward with case.magnitude (out,) set: DoRA, eval mode, the
+        # norm detached (PEFT's); return dm as "magnitude"
+        layer_dora=False,
+        # layer level (layer.dora_full_norm.*): the same with case.dora_norm == "full" (norm not detached)
+        layer_dora_full_norm=False,
+        # init_adapter(case): the library's own inits, subset of {"true", "gaussian", "false", "pissa", "olora",
+        # "orthogonal", "pissa_niter"}
         init_methods=frozenset(),
         # model_adapters(case): several named adapters, an ordered active set, all disabled
         multi_adapter=False,
         # model_adapters(case) with one adapter name per batch row (case.adapter_names; "__base__" = none)
         mixed_batch=False,
-        # weighted_adapter(case): PEFT's add_weighted_adapter kinds, subset of {"cat", "linear", "svd"}
+        # weighted_adapter(case): PEFT's add_weighted_adapter kinds, subset of {"cat", "linear", "svd", "ties",
+        # "magnitude_prune", "ties_svd", "magnitude_prune_svd"}
         weighted_combinations=frozenset(),
         # capability name -> why it is missing, or how the library was mapped (shown as the reason)
         notes={"model_level": "TODO: why, or delete this note once it is supported"},
@@ -257,9 +282,11 @@ class $class_name:
 
         case: layout ("linear": weight (out, in); "conv1d": (in, out)), x (B, T, in), weight, bias (out,) or
         None, lora_A / lora_B {None: full matrix, or "q"/"k"/"v": slices} (r, in) / (out, r) or (out/3, r),
-        r, lora_alpha, use_rslora, lora_dropout, keep_mask (B, T, in) or None (eval), bias_trainable, dy, dtype.
+        r, lora_alpha, use_rslora, lora_dropout, keep_mask (B, T, in) or None (eval), bias_trainable, dy, dtype;
+        lora_bias_B (out,) or None [layer_lora_bias], magnitude (out,) or None and dora_norm [layer_dora].
         Return {"y" (B, T, out), "dx" (B, T, in), "lora_A", "lora_B" (the gradients; per slice "lora_A.q" ...),
-        "bias" (its gradient, only when trainable), "trainable": np.array([...names the library trains])}.
+        "bias" (its gradient, only when trainable), "lora_B_bias" / "magnitude" (their gradients, when set),
+        "trainable": np.array([...names the library trains])}.
         """
         raise NotSupported("TODO: layer_forward_backward")
 

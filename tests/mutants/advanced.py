@@ -131,5 +131,46 @@ class GaussianStdRootR(AdvancedMutant):
         return out
 
 
+class PruningIgnoresDensity(AdvancedMutant):
+    BUG = "'ties' and 'magnitude_prune' prune nothing (density taken as 1)"
+    MUST_FAIL = frozenset({"model.weighted.ties", "model.weighted.magnitude_prune"})
+    MUST_PASS = frozenset({"model.weighted.linear", "model.weighted.cat"})
+
+    def weighted_adapter(self, case):
+        if case.combination.get("density") is not None:
+            case = dataclasses.replace(case, combination={**case.combination, "density": 1.0})
+        return super().weighted_adapter(case)
+
+
+class OrthogonalFullRank(AdvancedMutant):
+    BUG = "init_lora_weights='orthogonal' uses the whole Q for both A and B (B A ≠ 0, full rank)"
+    MUST_FAIL = frozenset({"model.init.orthogonal"})
+    MUST_PASS = frozenset({"model.init.true"})
+
+    def init_adapter(self, case):
+        out = super().init_adapter(case)
+        if case.init_lora.init_lora_weights == "orthogonal":
+            rng = np.random.default_rng(case.seed)
+            for module in plan_lora(case.config, case.init_lora).values():
+                q, _ = np.linalg.qr(rng.standard_normal((module.r, module.r)))
+                a_key, b_key = module.branches[0].a_key, module.branches[0].b_key
+                out["adapter"][a_key] = (rng.standard_normal((module.in_features, module.r)) @ q).T / 10
+                out["adapter"][b_key] = rng.standard_normal((module.r, module.out_features)).T @ q / 10
+        return out
+
+
+class PissaNiterKeepsBase(AdvancedMutant):
+    BUG = "init_lora_weights='pissa_niter_K' leaves the base weights unchanged (no residual)"
+    MUST_FAIL = frozenset({"model.init.pissa_niter"})
+    MUST_PASS = frozenset({"model.init.pissa"})
+
+    def init_adapter(self, case):
+        out = super().init_adapter(case)
+        if str(case.init_lora.init_lora_weights).startswith("pissa_niter_"):
+            out["params"] = {k: np.asarray(case.params[k]) for k in out["params"]}
+        return out
+
+
 ADVANCED_MUTANTS = [DoraNormNotDetached, DoraMagnitudeColumnNorms, ModelMergeWithoutScaling, DisableKeepsAdapters,
-                    MixedBatchShifted, CatScalingTwice, GaussianStdRootR]  # fmt: skip
+                    MixedBatchShifted, CatScalingTwice, GaussianStdRootR, PruningIgnoresDensity,
+                    OrthogonalFullRank, PissaNiterKeepsBase]  # fmt: skip
