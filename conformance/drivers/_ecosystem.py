@@ -62,6 +62,12 @@ def refuse_unsupported(case: LayerCase, caps: Capabilities, driver: str) -> None
         refuse("dropout_mask_injection", "LoRA dropout with the reference's keep-mask is not supported")
     if case.bias_trainable and not ({"all", "lora_only"} & caps.bias_modes):
         refuse("bias_modes", "a trainable bias is not supported")
+    if case.lora_bias_B is not None and not caps.layer_lora_bias:
+        refuse("layer_lora_bias", "a bias on lora_B is not supported")
+    if case.magnitude is not None and not caps.layer_dora:
+        refuse("layer_dora", "DoRA is not supported")
+    if case.magnitude is not None and case.dora_norm != "detached" and not caps.layer_dora_full_norm:
+        refuse("layer_dora_full_norm", "DoRA with the full-norm gradient is not supported")
 
 
 def is_all_linear(target_modules) -> bool:

@@ -61,10 +61,13 @@ capabilities = Capabilities(
     position_ids=True,
     padding=True,
     merge=True,
+    layer_dora=True,  # LoRAConfig(use_dora=True) on LoRALinearTorch (a known deviation: docs/findings.md)
     adapter_files=False,
     adapter_switching=True,
     notes={
         "rslora": "LoRA scales by alpha / r only",
+        "layer_dora_full_norm": "one DoRA form only; it is checked as layer.dora (its norm is neither PEFT's nor detached: docs/findings.md)",
+        "layer_lora_bias": "LoRA's lora_B is a parameter matrix: no bias on B",
         "bias_modes": "LoRA in adapters never trains a bias",
         "target_modules_list": "GPT-2 targets are c_attn as per-slice q/k/v (attn_matrices), mlp.c_fc "
         "(intermediate_lora) and mlp.c_proj (output_lora); full-matrix c_attn and attn.c_proj are not adaptable",
@@ -149,6 +152,10 @@ def _build_layer(case: LayerCase, dora: bool = False):
 
 def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     refuse_unsupported(case, capabilities, name)
+    if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
+        out = dora_forward_backward(case, case.magnitude)
+        del out["magnitude_init"]
+        return out
     layer, lora = _build_layer(case)
     if case.keep_mask is not None and case.lora_dropout > 0:
         lora.lora_dropout = keep_mask_dropout(case)

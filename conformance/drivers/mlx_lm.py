@@ -47,6 +47,7 @@ capabilities = Capabilities(
     padding=False,
     merge=True,
     unmerge=False,
+    layer_dora=True,  # DoRALinear (tuner/dora.py; its norm is stop_gradient-ed)
     adapter_files=False,
     notes={
         "lora_alpha": "mapped: mlx-lm's scale is an absolute multiplier, the driver passes lora_alpha / r",
@@ -68,6 +69,8 @@ capabilities = Capabilities(
         "of a block",
         "exclude_modules": "linear_to_lora_layers takes the keys to adapt, no exclusion",
         "runtime_scaling": "no set_scale / scale_layer: LoRALinear.scale is one number set at conversion",
+        "layer_dora_full_norm": "DoRALinear stop_gradient-s the norm of the adapted weight (tuner/dora.py)",
+        "layer_lora_bias": "LoRALinear has lora_a / lora_b matrices only: no bias on B",
         "embedding_lora": "LoRAEmbedding exists, but mlx-lm's GPT-2 ties wte to the output and the driver does not "
         "adapt it",
         "trainable_tokens": "mlx-lm has no trainable-token (selected embedding rows) fine-tuning",
@@ -154,6 +157,10 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     from mlx.utils import tree_flatten
 
     refuse_unsupported(case, capabilities, name)
+    if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
+        out = dora_forward_backward(case, case.magnitude)
+        del out["magnitude_init"]
+        return out
     layer = _build_layer(case)
     if case.keep_mask is not None and case.lora_dropout > 0:
         layer.dropout = _mask_dropout(case.keep_mask, case.lora_dropout, case.dtype)

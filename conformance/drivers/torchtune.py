@@ -45,6 +45,7 @@ capabilities = Capabilities(
     dtypes=frozenset({"float64", "float32", "bfloat16"}),
     merge=True,
     unmerge=False,
+    layer_dora=True,  # DoRALinear (its norm is detached, dora.py forward)
     notes={
         "model_level": "torchtune has no GPT-2 builder (its models are Llama-style, with separate q/k/v projections)",
         "layer_layouts": "LoRALinear stores weight as (out, in) only",
@@ -52,6 +53,8 @@ capabilities = Capabilities(
         "per_slice_qkv": "torchtune's attention has separate q/k/v projections, each a LoRALinear",
         "bias_modes": "get_adapter_params returns lora_a / lora_b (and DoRA's magnitude): a base bias is never trained",
         "unmerge": "get_merged_lora_ckpt merges a state dict for export; there is no unmerge",
+        "layer_dora_full_norm": "DoRALinear.forward detaches the weight norm (modules/peft/dora.py)",
+        "layer_lora_bias": "LoRALinear's lora_b is nn.Linear(rank, out, bias=False): B has no bias",
     },
 )
 
@@ -108,6 +111,10 @@ def _run(case: LayerCase, layer, extra_leaves: dict) -> dict[str, np.ndarray]:
 
 def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     refuse_unsupported(case, capabilities, name)
+    if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
+        out = dora_forward_backward(case, case.magnitude)
+        del out["magnitude_init"]
+        return out
     return _run(case, _build(case), {})
 
 
