@@ -88,8 +88,8 @@ def test_a_consumer_missing_the_scaling_fails(tmp_path):
 
 
 def test_transformers_load_adapter_refuses_the_newest_peft_release_without_the_gate_turned_off():
-    """transformers 5.24.0 demands peft >= 0.22.0 for every PeftAdapterMixin call; 0.21.2 is the newest release,
-    so load_adapter raises before reading a file (the consumer turns this one gate off; see its docstring)."""
+    """transformers 5.24.0 demands peft >= 0.22.0 in every PeftAdapterMixin method but load_adapter (set_adapter
+    included); 0.21.2 is the newest release (the consumer turns this one gate off; see its docstring)."""
     import peft
     from packaging.version import Version
     from transformers.integrations.peft import MIN_PEFT_VERSION

@@ -1,9 +1,9 @@
 """transformers' own adapter loading: ``model.load_adapter(folder, adapter_name=...)`` (PeftAdapterMixin),
 ``model.set_adapter(name)``; not PeftModel.from_pretrained. No merge path (PeftAdapterMixin has none).
 
-transformers 5.24.0 refuses every PeftAdapterMixin call unless PEFT >= 0.22.0 (``MIN_PEFT_VERSION``), while the
-newest PEFT release is 0.21.2: ``load_adapter`` raises ``ValueError: The version of PEFT you are using is not
-compatible``. To check what the loading code does with the files, this consumer turns that one version gate off
+transformers 5.24.0 refuses every PeftAdapterMixin method but ``load_adapter`` unless PEFT >= 0.22.0
+(``MIN_PEFT_VERSION``), while the newest PEFT release is 0.21.2: ``set_adapter`` raises ``ValueError: The version
+of PEFT you are using is not compatible`` (docs/findings.md). To check what the loading code does with the files, this consumer turns that one version gate off
 (``transformers.integrations.peft.check_peft_version``) and records it in ``notes`` and its deviations file;
 nothing else is patched.
 """
