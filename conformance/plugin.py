@@ -11,6 +11,8 @@ are and no candidate is given, the run stops with a usage error (it never runs n
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -370,10 +372,10 @@ def pytest_runtest_makereport(item, call):
 
     record = suite.records[test_id]
     if xdist_role(item.config) == "worker":
-        report.reflora_record = _pack(record)  # refreshed below (the same object): read on the controller
+        report.reflora_record = _record_json(record)  # refreshed below (the same object): read on the controller
         if not suite.__dict__.get("_state_sent"):
             suite._state_sent = True
-            report.reflora_state = _pack(_worker_state(suite))
+            report.reflora_state = json.dumps(_worker_state(suite))
     if call.excinfo is not None and isinstance(call.excinfo.value, (ConformanceFailure, CandidateBroke)):
         notes = getattr(call.excinfo.value, "__notes__", [])
         report.longrepr = "\n".join([str(call.excinfo.value), *notes])
@@ -402,7 +404,7 @@ def pytest_runtest_makereport(item, call):
         else:
             record.outcome = "passed"
     if hasattr(report, "reflora_record"):
-        report.reflora_record = _pack(record)
+        report.reflora_record = _record_json(record)
     return report
 
 
@@ -452,8 +454,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 # pytest-xdist (`reflora conform -n N`): every worker process loads the candidate in its own candidate worker
 # and runs the features xdist hands it; the controller starts no candidate. Each conformance test report a worker
 # sends carries its TestRecord (``reflora_record``), the first one also the worker's suite state (candidate
-# info, deviations, the collected test ids in order: ``reflora_state``), pickled and base64-encoded (xdist
-# serialises report attributes that are strings). The controller puts them into its own Suite, so the
+# info, deviations, the collected test ids in order: ``reflora_state``), as JSON strings (xdist serialises
+# report attributes that are strings; nothing is unpickled). The controller puts them into its own Suite, so the
 # progress lines, the table, the JSON report and the known-deviation outcomes are those of a serial run.
 # ---------------------------------------------------------------------------------------------
 
@@ -469,23 +471,31 @@ def xdist_role(config) -> str | None:
     return None
 
 
-def _pack(value) -> str:
-    import base64
-    import pickle
-
-    return base64.b64encode(pickle.dumps(value)).decode("ascii")
+def _record_json(record) -> str:
+    """A TestRecord as JSON (its Comparison and Deviation as objects; NaN and infinities as JSON's extensions)."""
+    return json.dumps(dataclasses.asdict(record))
 
 
-def _unpack(text: str):
-    import base64
-    import pickle
+def _record_from_json(text: str):
+    """The inverse of ``_record_json``."""
+    from conformance.deviations import Deviation
+    from conformance.suite import TestRecord
+    from conformance.tolerance import Comparison
 
-    return pickle.loads(base64.b64decode(text))  # only from this run's own xdist workers
+    data = json.loads(text)
+    if data["worst"] is not None:
+        worst = data["worst"]
+        for key in ("abs_index", "rel_index"):
+            worst[key] = None if worst[key] is None else tuple(worst[key])
+        data["worst"] = Comparison(**worst)
+    if data["deviation"] is not None:
+        data["deviation"] = Deviation(**data["deviation"])
+    return TestRecord(**data)
 
 
 def _worker_state(suite) -> dict:
     """What the controller needs of a worker's started Suite to report like a serial run."""
-    return {"info": suite.info, "capabilities": suite.capabilities, "deviations": suite.deviations,
+    return {"info": suite.info, "deviations": [d.to_json() for d in suite.deviations],
             "deviations_path": suite.deviations_path, "fixture_sha256": suite.fixture_sha256,
             "order": [(r.test_id, r.feature, r.nodeid) for r in suite.records.values()]}  # fmt: skip
 
@@ -498,19 +508,23 @@ def pytest_runtest_logreport(report) -> None:
     suite = None if config is None else config.stash.get(SUITE, None)
     if suite is None or xdist_role(config) != "controller" or not hasattr(report, "reflora_record"):
         return
+    from conformance.deviations import Deviation
+    from conformance.loader import capabilities_from_json
     from conformance.suite import TestRecord
 
     state = getattr(report, "reflora_state", None)
     if state is not None and not hasattr(suite, "info"):
-        state = _unpack(state)
-        for key in ("info", "capabilities", "deviations", "deviations_path", "fixture_sha256"):
+        state = json.loads(state)
+        for key in ("info", "deviations_path", "fixture_sha256"):
             setattr(suite, key, state[key])
+        suite.capabilities = capabilities_from_json(state["info"]["capabilities"])
+        suite.deviations = [Deviation(**d) for d in state["deviations"]]
         known = suite.records
         suite.records = {
             tid: known.get(tid) or TestRecord(tid, feature, nodeid) for tid, feature, nodeid in state["order"]
         }
         suite.records.update(known)
-    record = _unpack(report.reflora_record)
+    record = _record_from_json(report.reflora_record)
     suite.records[record.test_id] = record
     if report.when == "teardown":
         _write_partial_report(config, None)

@@ -150,6 +150,18 @@ def _build_layer(case: LayerCase, dora: bool = False):
     return layer, lora
 
 
+def _forward(case: LayerCase, layer, lora):
+    """The layer's forward on ``case.x`` (requiring its gradient): train mode with the case's keep-mask in LoRA's
+    dropout, or eval mode. Returns ``(x, y)``."""
+    if case.keep_mask is not None and case.lora_dropout > 0:
+        lora.lora_dropout = keep_mask_dropout(case)
+        layer.train()
+    else:
+        layer.eval()
+    x = to_torch(case.x, case.dtype, requires_grad=True)
+    return x, layer(x)
+
+
 def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     refuse_unsupported(case, capabilities, name)
     if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
@@ -157,13 +169,7 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
         del out["magnitude_init"]
         return out
     layer, lora = _build_layer(case)
-    if case.keep_mask is not None and case.lora_dropout > 0:
-        lora.lora_dropout = keep_mask_dropout(case)
-        layer.train()
-    else:
-        layer.eval()
-    x = to_torch(case.x, case.dtype, requires_grad=True)
-    y = layer(x)
+    x, y = _forward(case, layer, lora)
     out = torch_layer_results(y, x, case.dy, {"lora_A": lora.lora_A, "lora_B": lora.lora_B})
     if case.qkv_slices is not None:
         dA, dB = out.pop("lora_A"), out.pop("lora_B")
@@ -197,13 +203,7 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
     layer, lora = _build_layer(case, dora=True)
     used = _load_magnitude(case, lora, magnitude)
     lora.m.weight.requires_grad_(True)  # train_adapter's rule: the magnitude trains with A and B
-    if case.keep_mask is not None and case.lora_dropout > 0:
-        lora.lora_dropout = keep_mask_dropout(case)
-        layer.train()
-    else:
-        layer.eval()
-    x = to_torch(case.x, case.dtype, requires_grad=True)
-    y = layer(x)
+    x, y = _forward(case, layer, lora)
     out = torch_layer_results(y, x, case.dy, {"lora_A": lora.lora_A, "lora_B": lora.lora_B, "magnitude": lora.m.weight})
     out["magnitude"] = out["magnitude"][:, 0]
     out["magnitude_init"] = used

@@ -152,16 +152,12 @@ def _build_layer(case: LayerCase):
     return layer
 
 
-def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
+def _run_layer(case: LayerCase, layer):
+    """Forward and vector-Jacobian product of Σ dy ⊙ y on the layer (train mode with the case's keep-mask in its
+    dropout, or eval mode): ``(y, dx, {parameter path: gradient})`` for its trainable parameters."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    refuse_unsupported(case, capabilities, name)
-    if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
-        out = dora_forward_backward(case, case.magnitude)
-        del out["magnitude_init"]
-        return out
-    layer = _build_layer(case)
     if case.keep_mask is not None and case.lora_dropout > 0:
         layer.dropout = _mask_dropout(case.keep_mask, case.lora_dropout, case.dtype)
         layer.train()
@@ -177,6 +173,17 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     y = layer(x)
     grads, dx = mx.grad(objective, argnums=(0, 1))(trainable, x)
     flat = dict(tree_flatten(grads))
+    return y, dx, flat
+
+
+def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
+    refuse_unsupported(case, capabilities, name)
+    if case.magnitude is not None:  # layer.dora.*: the library's own DoRA layer, the case's magnitude loaded
+        out = dora_forward_backward(case, case.magnitude)
+        del out["magnitude_init"]
+        return out
+    layer = _build_layer(case)
+    y, dx, flat = _run_layer(case, layer)
     out = {"y": _np(y), "dx": _np(dx)}
     if "lora_a" in flat:
         out["lora_A"] = _np(flat["lora_a"]).T  # (r, in)
@@ -213,27 +220,10 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
     """``DoRALinear`` (mlx_lm/tuner/dora.py) on the case: ``y``, ``dx``, ``lora_A``, ``lora_B``, ``magnitude``
     (the gradients of Σ dy ⊙ y) and ``magnitude_init`` (the magnitude used). Its norm is ``stop_gradient``-ed:
     the detached-norm convention."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
     refuse_unsupported(case, capabilities, name)
     layer = _build_dora_layer(case, magnitude)
-    if case.keep_mask is not None and case.lora_dropout > 0:
-        layer.dropout = _mask_dropout(case.keep_mask, case.lora_dropout, case.dtype)
-        layer.train()
-    else:
-        layer.eval()
-    x, dy = _mx(case.x, case.dtype), _mx(case.dy, case.dtype)
     used = _np(layer.m)
-
-    def objective(trainable, x):
-        layer.update(trainable)
-        return (layer(x) * dy).sum()
-
-    trainable = layer.trainable_parameters()
-    y = layer(x)
-    grads, dx = mx.grad(objective, argnums=(0, 1))(trainable, x)
-    flat = dict(tree_flatten(grads))
+    y, dx, flat = _run_layer(case, layer)
     out = {"y": _np(y), "dx": _np(dx), "magnitude_init": used}
     rename = {"lora_a": "lora_A", "lora_b": "lora_B", "m": "magnitude", "linear.bias": "bias"}
     for key, grad in flat.items():

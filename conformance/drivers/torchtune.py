@@ -118,6 +118,20 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
     return _run(case, _build(case), {})
 
 
+def _dora_layer(case: LayerCase, magnitude: np.ndarray | None):
+    """``DoRALinear`` for the case, its magnitude (out,) loaded as given or (None) torchtune's own
+    ``initialize_dora_magnitude``: the norm of W + s·B A per output row."""
+    import torch
+
+    layer = _build(case, dora=True)
+    with torch.no_grad():
+        if magnitude is None:
+            layer.initialize_dora_magnitude()
+        else:
+            layer.magnitude.copy_(to_torch(magnitude, case.dtype))
+    return layer
+
+
 def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``DoRALinear`` on the case: ``magnitude`` (out,) is loaded as given, or (None) initialised by torchtune's
     own ``initialize_dora_magnitude`` (the norm of W + s·B A per output row). Returns the layer-level results
@@ -125,12 +139,7 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
     import torch
 
     refuse_unsupported(case, capabilities, name)
-    layer = _build(case, dora=True)
-    with torch.no_grad():
-        if magnitude is None:
-            layer.initialize_dora_magnitude()
-        else:
-            layer.magnitude.copy_(to_torch(magnitude, case.dtype))
+    layer = _dora_layer(case, magnitude)
     used = layer.magnitude.detach().to(torch.float64, copy=True).numpy()
     out = _run(case, layer, {"magnitude": layer.magnitude})
     out["magnitude_init"] = used
@@ -156,16 +165,8 @@ def _merged_state(case: LayerCase, layer) -> dict[str, np.ndarray]:
 def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``DoRALinear``'s state dict through ``get_merged_lora_ckpt`` (W' = m ⊙ V/‖V‖): ``merged_weight``,
     ``merged_y``; no unmerge."""
-    import torch
-
     refuse_unsupported(case, capabilities, name)
-    layer = _build(case, dora=True)
-    with torch.no_grad():
-        if magnitude is None:
-            layer.initialize_dora_magnitude()
-        else:
-            layer.magnitude.copy_(to_torch(magnitude, case.dtype))
-    return _merged_state(case, layer)
+    return _merged_state(case, _dora_layer(case, magnitude))
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
