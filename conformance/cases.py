@@ -16,21 +16,27 @@ from typing import Any
 import numpy as np
 
 from conformance.features import FEATURES
-from conformance.protocol import AdaptersCase, LayerCase, ModelCase
+from conformance.protocol import AdaptersCase, LayerAdaptersCase, LayerCase, LayerInitCase, ModelCase
 from reflora.config import GPT2Config, LoraConfig
 from reflora.init import draw_dropout_masks, init_gpt2_params, init_lora_adapter
 from reflora.lora_init import init_adapter
 from reflora.model import adapter_trainable_keys
 from reflora.targets import plan_lora, trainable_bias_keys
+from reflora.weighted import DARE_TYPES, dare_mask_shapes, draw_dare_masks
 
 IGNORE_INDEX = -100
 MODEL_B_SCALE = 0.1  # see _scaled
 
 
-def build_case(spec: dict[str, Any]) -> LayerCase | ModelCase | AdaptersCase:
-    """The case of any spec, by its feature's level."""
+def build_case(spec: dict[str, Any]) -> LayerCase | LayerInitCase | LayerAdaptersCase | ModelCase | AdaptersCase:
+    """The case of any spec, by its feature's level (and at layer level its method)."""
     level = FEATURES[spec["feature"]].level
     if level == "layer":
+        method = FEATURES[spec["feature"]].method
+        if method == "layer_init":
+            return build_layer_init_case(spec)
+        if method == "layer_adapters":
+            return build_layer_adapters_case(spec)
         return build_layer_case(spec)
     if level == "golden":
         return golden_model_case(spec)[0]
@@ -68,6 +74,49 @@ def build_layer_case(spec: dict[str, Any]) -> LayerCase:
         lora_alpha=float(spec["lora_alpha"]), use_rslora=spec["use_rslora"], lora_dropout=spec["lora_dropout"],
         keep_mask=keep_mask, bias_trainable=spec["bias"] != "none", dy=dy, dtype=spec["dtype"], seed=spec["seed"],
         lora_bias_B=lora_bias_B, magnitude=magnitude, dora_norm=spec.get("dora_norm", "detached"),
+    )  # fmt: skip
+
+
+def _layer_base(spec: dict[str, Any], rng: np.random.Generator):
+    """weight ~ N(0, 1/in) in the spec's layout, then bias ~ N(0, 0.1²) (out,) if ``has_bias``."""
+    in_f, out_f = spec["in_features"], spec["out_features"]
+    shape = (out_f, in_f) if spec["layout"] == "linear" else (in_f, out_f)
+    weight = rng.standard_normal(shape) / np.sqrt(in_f)
+    bias = 0.1 * rng.standard_normal(out_f) if spec["has_bias"] else None
+    return weight, bias
+
+
+def build_layer_init_case(spec: dict[str, Any]) -> LayerInitCase:
+    """``layer.init.<law>.*`` / ``layer.dora_init.*``. Draw order: weight, bias (if any), x ~ N(0, 1) (B, T, in).
+    A and B are the candidate's own (its init, seeded with ``spec["seed"]``)."""
+    rng = np.random.default_rng(spec["seed"])
+    weight, bias = _layer_base(spec, rng)
+    x = rng.standard_normal((spec["batch"], spec["seq_len"], spec["in_features"]))  # (B, T, in)
+    return LayerInitCase(
+        layout=spec["layout"], x=x, weight=weight, bias=bias, r=spec["r"], lora_alpha=float(spec["lora_alpha"]),
+        use_rslora=spec["use_rslora"], init=spec["init"], use_dora=spec["use_dora"], dtype=spec["dtype"],
+        seed=spec["seed"],
+    )  # fmt: skip
+
+
+def build_layer_adapters_case(spec: dict[str, Any]) -> LayerAdaptersCase:
+    """``layer.adapters.*``. Draw order: weight, bias (if any), per adapter in spec order A ~ U(±1/√in) (r, in)
+    and B ~ U(±1/√r) (out, r) (never zero), x ~ N(0, 1) (B, T, in), dy ~ N(0, 1) (B, T, out)."""
+    rng = np.random.default_rng(spec["seed"])
+    in_f, out_f = spec["in_features"], spec["out_features"]
+    weight, bias = _layer_base(spec, rng)
+    adapters: dict[str, dict[str, Any]] = {}
+    for name, fields in spec["adapters"].items():
+        r = fields["r"]
+        lora_A = rng.uniform(-1, 1, (r, in_f)) / np.sqrt(in_f)  # (r, in)
+        lora_B = rng.uniform(-1, 1, (out_f, r)) / np.sqrt(r)  # (out, r)
+        adapters[name] = {"lora_A": lora_A, "lora_B": lora_B, "r": r, "lora_alpha": float(fields["lora_alpha"]),
+                          "use_rslora": bool(fields["use_rslora"])}  # fmt: skip
+    x = rng.standard_normal((spec["batch"], spec["seq_len"], in_f))  # (B, T, in)
+    dy = rng.standard_normal((spec["batch"], spec["seq_len"], out_f))  # (B, T, out)
+    return LayerAdaptersCase(
+        layout=spec["layout"], x=x, weight=weight, bias=bias, dy=dy, adapters=adapters, active=spec.get("active"),
+        adapter_names=spec.get("adapter_names"), dtype=spec["dtype"], seed=spec["seed"],
     )  # fmt: skip
 
 
@@ -143,7 +192,8 @@ def _scaled(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
     """Draw order: base (``init_gpt2_params``), per adapter in spec order ``init_adapter(init="test")`` (B and
-    b_B × 0.1), input_ids, labels, dropout masks per adapter (``dora_dropout``), the poisoned entry."""
+    b_B × 0.1), input_ids, labels, dropout masks per adapter (``dora_dropout``), the poisoned entry, DARE's
+    keep-masks (``dare_keep_masks``)."""
     rng = np.random.default_rng(spec["seed"])
     config = GPT2Config(**spec["gpt2"])
     params = init_gpt2_params(config, rng)
@@ -169,6 +219,9 @@ def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
         adapters["a0"] = (lora, {**tensors, key: poisoned})
     if "zero_norm_row" in spec:  # model.dora.zero_norm_row: after every draw, so the draws stay those above
         params, adapters["d"] = zero_norm_row(params, config, adapters["d"], spec["zero_norm_row"])
+    if "zero_weight_row" in spec:  # model.dora.init_zero_row: no draw
+        params = zero_weight_row(params, config, LoraConfig(**spec["init"]), spec["zero_weight_row"])
+    keep_masks = dare_keep_masks(config, adapters, spec.get("combination"), rng)  # last: the draws above stay
     names = spec.get("active")
     if spec.get("adapter_names"):
         participating = [name for name in adapters if name in spec["adapter_names"]]
@@ -179,8 +232,29 @@ def build_advanced_case(spec: dict[str, Any]) -> AdaptersCase:
         config=config, params=params, adapters=adapters, input_ids=input_ids, labels=labels, active=names,
         adapter_names=spec.get("adapter_names"), dropout_masks=masks, wrt=wrt, safe="poison" in spec,
         init_lora=LoraConfig(**spec["init"]) if "init" in spec else None, combination=spec.get("combination"),
-        dtype=spec["dtype"], seed=spec["seed"],
+        dtype=spec["dtype"], seed=spec["seed"], keep_masks=keep_masks,
     )  # fmt: skip
+
+
+def zero_weight_row(params, config, lora, where: dict[str, int]):
+    """params with output row o = ``where["row"] % out`` of module ``where["module"] % count`` (of ``lora``'s
+    modules in plan order) zeroed in W (a column of the Conv1D's (in, out) weight): with B = 0 at init, that
+    row of Wt + s·B A has zero norm, so DoRA's magnitude there is 0 (docs/advanced-semantics.md, DoRA)."""
+    plan = plan_lora(config, lora)
+    name = list(plan)[where["module"] % len(plan)]
+    weight = params[f"{name}.weight"].copy()
+    weight[:, where["row"] % plan[name].out_features] = 0.0
+    return {**params, f"{name}.weight": weight}
+
+
+def dare_keep_masks(config, adapters, combination, rng) -> dict[str, list[np.ndarray]] | None:
+    """The keep-masks of a DARE combination with density < 1 (``reflora.weighted.draw_dare_masks`` in
+    ``dare_mask_shapes`` order: entries 1.0 with probability density), else None (no draw at all)."""
+    if not combination or combination["combination_type"] not in DARE_TYPES or combination["density"] >= 1:
+        return None
+    sources = [adapters[name][0] for name in combination["names"]]
+    shapes = dare_mask_shapes(config, sources, combination["combination_type"])
+    return draw_dare_masks(shapes, combination["density"], rng) or None
 
 
 def zero_norm_row(params, config, adapter, where: dict[str, int]):
@@ -217,6 +291,7 @@ def golden_model_case(spec: dict[str, Any]):
         labels=golden.labels, attention_mask=golden.attention_mask, position_ids=golden.position_ids,
         dropout_masks=None if golden.dropout_masks is None else {k: f64(v) for k, v in golden.dropout_masks.items()},
         dlogits=f64(golden.dlogits), dtype=golden_spec["dtype"], seed=golden_spec["seed"],
+        scale_ops=tuple(tuple(op) for op in golden_spec.get("scale_ops") or ()),
     )  # fmt: skip
     return case, golden
 
@@ -226,6 +301,15 @@ def case_tensors(case: LayerCase | ModelCase | AdaptersCase) -> dict[str, np.nda
     out: dict[str, np.ndarray] = {}
     if isinstance(case, AdaptersCase):
         return case.tensors()
+    if isinstance(case, (LayerInitCase, LayerAdaptersCase)):
+        out.update(x=case.x, weight=case.weight)
+        if case.bias is not None:
+            out["bias"] = case.bias
+        if isinstance(case, LayerAdaptersCase):
+            out["dy"] = case.dy
+            for name, adapter in case.adapters.items():
+                out[f"adapter/{name}/lora_A"], out[f"adapter/{name}/lora_B"] = adapter["lora_A"], adapter["lora_B"]
+        return out
     if isinstance(case, LayerCase):
         out.update(x=case.x, weight=case.weight, dy=case.dy)
         if case.bias is not None:
@@ -270,6 +354,10 @@ def perturbed(case, seed: int, size: float = 1.0):
 
     if isinstance(case, LayerCase):
         names: tuple[str, ...] = ("x", "weight", "bias", "lora_A", "lora_B", "dy", "lora_bias_B", "magnitude")
+    elif isinstance(case, LayerInitCase):
+        names = ("x", "weight", "bias")
+    elif isinstance(case, LayerAdaptersCase):
+        names = ("x", "weight", "bias", "dy", "adapters")
     elif isinstance(case, AdaptersCase):
         names = ("params", "adapters")
     else:

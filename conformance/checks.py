@@ -23,7 +23,9 @@ import numpy as np
 from conformance import expectations
 from conformance.cases import (
     build_advanced_case,
+    build_layer_adapters_case,
     build_layer_case,
+    build_layer_init_case,
     build_model_case,
     golden_model_case,
     perturbed,
@@ -32,7 +34,8 @@ from conformance.cases import (
 from conformance.compare import compare_ks, compare_set, compare_tensors, normal_cdf, uniform_cdf
 from conformance.expectations import ADVANCED_EXPECTATIONS, cast_tree
 from conformance.features import FEATURES, UNMERGE_VARIANTS
-from conformance.protocol import AdaptersCase, CandidateError
+from conformance.init_laws import Entries, law
+from conformance.protocol import AdaptersCase, CandidateError, LayerInitCase
 from conformance.tolerance import (
     MAX_FLOAT32_BOUND,
     PLAIN_SAMPLES,
@@ -167,6 +170,10 @@ MERGE_RESULTS = ("merged_weight", "merged_y")
 
 
 def _check_layer(result: CheckResult, method: str, call: Call) -> None:
+    if method == "layer_init":
+        return _check_layer_init(result, call)
+    if method == "layer_adapters":
+        return _check_layer_adapters(result, call)
     case = build_layer_case(result.spec)
     if method == "layer_merge":
         expected, plains = expectations.layer_merge(case, "float64"), plain_evaluations(expectations.layer_merge, case)
@@ -189,6 +196,66 @@ def _check_layer(result: CheckResult, method: str, call: Call) -> None:
     compare_tensors(result, actual, expected, plains, case.dtype)
     if trainable is not None:
         compare_set(result, "trainable", actual.get("trainable") if isinstance(actual, dict) else None, trainable)
+
+
+def _check_layer_adapters(result: CheckResult, call: Call) -> None:
+    """``layer.adapters.*``: y, dx and every acting adapter's dA, dB against
+    ``expectations.layer_adapters_forward_backward`` (several adapters, each with its own scaling)."""
+    case = build_layer_adapters_case(result.spec)
+    expected = result.expected = expectations.layer_adapters_forward_backward(case, "float64")
+    plains = plain_evaluations(expectations.layer_adapters_forward_backward, case)
+    reject_ill_conditioned(expected, plains, case.dtype)
+    actual = result.actual = call("layer_adapters", result.spec)
+    compare_tensors(result, actual, expected, plains, case.dtype)
+
+
+def _ks_entries(result: CheckResult, name: str, values: np.ndarray, entries: Entries | None, shape) -> None:
+    """A (r, in) or B (out, r) of a layer init against its law: exactly zero (``entries`` None), else a KS
+    test of values / c against U(−1, 1) or N(0, 1) (conformance.init_laws.Entries)."""
+    if entries is None:
+        nonzero = int(np.count_nonzero(values))
+        result.comparisons.append(exact(f"{name} = 0", nonzero == 0, f"{nonzero} non-zero entries in {name}"))
+        return
+    c = entries.scale(*shape)
+    cdf, unit = (uniform_cdf, "U(−1, 1)") if entries.family == "uniform" else (normal_cdf, "N(0, 1)")
+    compare_ks(result, f"{name}/c [{name} ~ {entries.text}]", [values / c], cdf, unit)
+
+
+def _check_layer_init(result: CheckResult, call: Call) -> None:
+    """``layer.init.<law>.*`` / ``layer.dora_init.*`` (conformance.init_laws): the shapes of A and B, each by its
+    law (KS test, or exactly zero), y at init (the base's x Wᵀ + b where the law says so, else x Wᵀ + b + s·BAx
+    with the candidate's own A and B), the base weight unchanged, and with DoRA the magnitude = ‖W + s·BA‖_row
+    (the row norms of W where B A = 0). The tolerances come from plain float32 evaluations as everywhere."""
+    case = build_layer_init_case(result.spec)
+    the_law = law(case.init)
+    actual = result.actual = call("layer_init", result.spec)
+    if not isinstance(actual, dict):
+        result.comparisons.append(exact("result", False, f"expected a dict, got {type(actual).__name__}"))
+        return
+    in_f, out_f, r = case.x.shape[-1], case.weight.shape[0 if case.layout == "linear" else 1], case.r
+    factors = {}
+    for name, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+        value = actual.get(name)
+        value = None if value is None else np.asarray(value, dtype=np.float64)
+        ok = value is not None and value.shape == shape
+        got = "missing" if value is None else f"shape {value.shape}"
+        result.comparisons.append(exact(f"{name} shape", ok, f"{name}: {got}, expected {shape}"))
+        factors[name] = value if ok else None
+    if factors["lora_A"] is None or factors["lora_B"] is None:
+        return
+    A, B = factors["lora_A"], factors["lora_B"]
+    _ks_entries(result, "lora_A", A, the_law.a, (r, in_f, out_f))
+    _ks_entries(result, "lora_B", B, the_law.b, (r, in_f, out_f))
+
+    def evaluate(c: LayerInitCase, dtype: str) -> dict[str, Any]:
+        out = expectations.layer_init_expectation(c, A, B, dtype)
+        if the_law.output_is_base:  # the base's output, whatever the candidate's A and B
+            out["y"] = expectations.layer_base_output(c, dtype)
+        return out
+
+    expected = result.expected = evaluate(case, "float64")
+    plains = [evaluate(c, "float32") for c in [case] + [perturbed(case, seed) for seed in range(1, PLAIN_SAMPLES)]]
+    compare_tensors(result, actual, expected, plains, case.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +416,8 @@ def check_advanced(result: CheckResult, call: Call) -> None:
     # 19.3), not u: the re-rounded copies get a relative perturbation of that size (4·n_embd, c_fc's width)
     size = 4 * case.config.n_embd if feature.variant in ("init_pissa", "init_olora", "init_pissa_niter") else 1
     # the same for the SVD of a truncated weighted combination (new variants only: the older ones keep their bound)
-    svd_variants = ("weighted_patterns", "weighted_ties_svd", "weighted_magnitude_prune_svd")
+    svd_variants = ("weighted_patterns", "weighted_ties_svd", "weighted_magnitude_prune_svd",
+                    "weighted_dare_linear_svd", "weighted_dare_ties_svd")  # fmt: skip
     if feature.variant in svd_variants and case.combination["combination_type"].endswith("svd"):
         size = 4 * case.config.n_embd
     copies = [case] + [perturbed(case, i, size) for i in range(1, PLAINS[feature.method])]

@@ -8,9 +8,14 @@ A driver ships a JSON file (``conformance/deviations/<driver>.json`` for shipped
                      "reason": "transformers infers packed sequences from position_ids when no mask is given",
                      "issue": "https://github.com/..."}]}
 
-``id`` is a test id prefix (test ids are feature ids, ``golden.replay.<fixture>`` for fixtures). A failing test
-whose id starts with a deviation's id is reported as a known deviation and does not fail the run. A deviation
-whose id matches no test is flagged, and so is one whose tests all passed (it no longer reproduces).
+``id`` names tests at a dot boundary (test ids are feature ids, ``golden.replay.<fixture>`` for fixtures;
+``covers``): a test id equal to it, or one that continues it after a ``"."`` (``"layer.dora"`` covers
+``layer.dora.linear`` and ``layer.dora.conv1d``, not ``layer.dora_merge.linear``; ``"layer.init.he_uniform"`` is
+not ``layer.init.he_uniform_b.*``). An id that is itself a feature's id covers that feature's tests only
+(``"model.dora"`` is not ``model.dora.init``; ``"golden.replay"`` covers every fixture). An id ending in ``"."``
+is an explicit prefix: ``"model.dora."`` covers every ``model.dora.*`` (not ``model.dora`` itself). A failing
+test a deviation covers is reported as a known deviation and does not fail the run. A deviation that covers no
+test is flagged, and so is one whose tests all passed (it no longer reproduces).
 """
 
 from __future__ import annotations
@@ -60,9 +65,33 @@ def load_deviations(path: str | Path | None) -> list[Deviation]:
     return out
 
 
+def _feature_ids() -> frozenset[str]:
+    from conformance.features import FEATURES
+
+    return frozenset(FEATURES)
+
+
+def _feature_of(test_id: str) -> str:
+    """The feature a test id belongs to: itself, ``golden.replay`` for ``golden.replay.<fixture>``."""
+    return "golden.replay" if test_id.startswith("golden.replay.") else test_id
+
+
+def covers(deviation_id: str, test_id: str) -> bool:
+    """Whether a deviation id covers a test id (the rule in the module docstring): equal, or ``test_id``
+    continues it after a ``"."`` unless ``deviation_id`` is another feature's own id, or ``deviation_id`` ends in
+    ``"."`` (an explicit prefix) and ``test_id`` starts with it."""
+    if deviation_id.endswith("."):
+        return test_id.startswith(deviation_id)
+    if test_id == deviation_id:
+        return True
+    if not test_id.startswith(deviation_id + "."):
+        return False
+    return deviation_id not in _feature_ids() or _feature_of(test_id) == deviation_id
+
+
 def match(deviations: list[Deviation], test_id: str) -> Deviation | None:
-    """The first deviation whose id is a prefix of ``test_id``."""
-    return next((d for d in deviations if test_id.startswith(d.id)), None)
+    """The first deviation that covers ``test_id`` (``covers``)."""
+    return next((d for d in deviations if covers(d.id, test_id)), None)
 
 
 # The libraries each shipped driver is built on, beyond its own name: a failure of another candidate on the same
@@ -83,7 +112,7 @@ def stack_hints(
     test_ids: list[str], candidate: str, versions: dict[str, str], own_path: str | Path | None
 ) -> dict[str, dict]:
     """For each failing test id, a known deviation of a shipped driver built on a library this candidate shares
-    (from ``versions()``) whose id is a prefix of it: ``{"driver", "id", "reason", "shared"}``. The candidate's
+    (from ``versions()``) that covers it (``covers``): ``{"driver", "id", "reason", "shared"}``. The candidate's
     own deviations file is skipped (its matches are known deviations already)."""
     if not test_ids:
         return {}

@@ -17,7 +17,7 @@ requirements. Nothing is installed into the calling environment.
 Command line (also what the docs show)::
 
     python -m conformance.envs list
-    python -m conformance.envs build torch [--rebuild]
+    python -m conformance.envs build torch [--rebuild]   # "all": every group but llama (built only on request)
     python -m conformance.envs run keras -- python -m pytest tests/test_drivers_ecosystem.py -q
     python -m conformance.envs conform adapters -- --max-examples 5   # = reflora conform --candidate adapters --isolated
 
@@ -53,7 +53,25 @@ class EnvGroup:
     no_deps: tuple[str, ...] = ()  # installed afterwards with --no-deps (their declared deps are too broad)
     environment: tuple[tuple[str, str], ...] = ()  # variables set when running inside the venv
     notes: str = ""
+    # built from source: a pinned requirement whose source distribution is downloaded and unpacked into
+    # <venv>/src/ (its vendored files, e.g. llama.cpp's converter scripts, stay there), then pip-installed from
+    # that folder with ``build_environment`` set and the build tree kept in <venv>/build/
+    sdist: str = ""
+    build_environment: tuple[tuple[str, str], ...] = ()
+    sdist_packages: tuple[str, ...] = ()  # folders inside the unpacked sdist, pip-installed afterwards
+    # optional extra builds (a name from EXTRA_BUILDS): a failure is recorded in the marker, not fatal
+    extra_builds: tuple[str, ...] = ()
+    # built only when named (``build llama``): never by ``build all``, ``reflora matrix`` or CI (a long build)
+    on_request: bool = False
 
+
+# llama.cpp for this machine's CPU only: no GPU backend, no curl, no multimodal library, no tests/examples/tools.
+# GGML_NATIVE=ON compiles for the building machine's CPU (-march=native): the cached venv is machine-specific, fine
+# for a local cache, but it must not be copied to (or restored from a cache on) a machine with another CPU
+LLAMA_CMAKE_ARGS = (
+    "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF "
+    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+)
 
 TORCH_GROUP_REQUIREMENTS = (
     TORCH_PIN, "transformers>=5.0", "peft==0.21.2", "loralib==0.1.2", "lora-pytorch==0.2.0",
@@ -81,6 +99,19 @@ GROUPS: dict[str, EnvGroup] = {
         ),
         EnvGroup("jax", ("flax==0.12.8",), environment=(("JAX_PLATFORMS", "cpu"),), notes="flax nnx on CPU JAX"),
         EnvGroup(
+            "llama",
+            (TORCH_PIN, "numpy", "safetensors", "transformers>=5.0", "sentencepiece", "protobuf"),
+            sdist="llama-cpp-python==0.3.36",
+            build_environment=(("CMAKE_ARGS", LLAMA_CMAKE_ARGS), ("CMAKE_BUILD_PARALLEL_LEVEL", "2")),
+            sdist_packages=("vendor/llama.cpp/gguf-py",),
+            extra_builds=("llama-export-lora",),
+            on_request=True,
+            notes="the adapter-file consumer llama_cpp (conformance.consumers.llama_cpp; no driver): "
+            "llama-cpp-python built from its sdist for the CPU (about 15 min on 2 cores); the sdist's vendored "
+            "llama.cpp keeps convert_hf_to_gguf.py / convert_lora_to_gguf.py in src/vendor/llama.cpp and its gguf-py "
+            "is the gguf package installed; llama-export-lora is built from the kept build tree when it can be",
+        ),
+        EnvGroup(
             "keras",
             (TORCH_PIN, "keras==3.15.1", "regex", "kagglehub", "tokenizers", "sentencepiece"),
             no_deps=("keras-hub==0.32.0",),
@@ -104,6 +135,18 @@ CANDIDATES: dict[str, str] = {
 }
 # the libraries' own names, accepted as well
 ALIASES = {"adapters": "adapters_hub", "mlx-lm": "mlx_lm", "flax": "flax_nnx", "lora-pytorch": "lora_pytorch"}
+# adapter-file consumers (conformance.consumers.SHIPPED) -> their venv group; one not listed runs in the current
+# environment (the default venv has transformers and peft). ``reflora conform --consumer NAME --isolated``.
+# llama_cpp is not listed: it runs in the current environment and calls the ``llama`` venv's python itself, only
+# when that venv is built (a 15-minute source build, ``on_request``: `envs build all`, `reflora matrix` and CI never
+# start it; unbuilt, `reflora conform --consumer llama_cpp` exits with an error naming `build llama` and `reflora
+# matrix` skips the consumer), so the venv is never rebuilt for a moved source checkout
+CONSUMERS: dict[str, str] = {"mlx_lm_fuse": "mlx"}
+
+
+def consumer_group(consumer: str) -> str | None:
+    """The venv group of an adapter-file consumer, or None: it runs in the current environment."""
+    return CONSUMERS.get(consumer)
 
 
 class EnvError(RuntimeError):
@@ -163,6 +206,8 @@ def fingerprint(group: EnvGroup) -> str:
         "reflora": reflora_requirement(),
         "python": list(sys.version_info[:2]),
     }
+    if group.sdist:
+        request["sdist"] = [group.sdist, group.build_environment, group.sdist_packages, group.extra_builds]
     scripts = console_scripts()
     if scripts:
         request["scripts"] = scripts
@@ -227,6 +272,7 @@ def ensure_env(group_name: str, rebuild: bool = False) -> Path:
     _run([*pip, *reflora_requirement(), *group.requirements], "pip install", group)
     if group.no_deps:
         _run([*pip, "--no-deps", *group.no_deps], "pip install --no-deps", group)
+    extras = _build_sdist(group, folder, pip) if group.sdist else {}
     seconds = time.perf_counter() - start
     freeze = subprocess.run([str(venv_python(folder)), "-m", "pip", "freeze"], capture_output=True, text=True)
     marker = {
@@ -239,8 +285,70 @@ def ensure_env(group_name: str, rebuild: bool = False) -> Path:
         "size_bytes": folder_size(folder),
         "freeze": freeze.stdout.splitlines(),
     }
+    if group.sdist:
+        marker["sdist"] = group.sdist
+        marker["extra_builds"] = extras
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     return folder
+
+
+def sdist_folder(folder: Path) -> Path | None:
+    """The unpacked source distribution of a group built from source (``<venv>/src/<name>-<version>``), or None."""
+    found = sorted(p for p in (folder / "src").glob("*") if p.is_dir()) if (folder / "src").is_dir() else []
+    return found[0] if found else None
+
+
+def _build_sdist(group: EnvGroup, folder: Path, pip: list[str]) -> dict[str, str | None]:
+    """Download ``group.sdist`` as a source distribution, unpack it into <venv>/src, pip-install it from there
+    (``build_environment`` set, build tree kept in <venv>/build), then its ``sdist_packages``, then each of
+    ``extra_builds`` (optional: {name: path of what was built, or None when it failed})."""
+    import tarfile
+
+    downloads = folder / "src-download"
+    python = str(venv_python(folder))
+    _run([python, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:",
+          "-d", str(downloads), group.sdist], "pip download (sdist)", group)  # fmt: skip
+    archives = sorted(downloads.glob("*.tar.gz"))
+    if len(archives) != 1:
+        raise EnvError(f"building the {group.name!r} venv: expected one .tar.gz for {group.sdist}, got {archives}")
+    with tarfile.open(archives[0]) as archive:
+        archive.extractall(folder / "src", filter="data")
+    shutil.rmtree(downloads, ignore_errors=True)
+    source = sdist_folder(folder)
+    if source is None:
+        raise EnvError(f"building the {group.name!r} venv: {archives[0].name} unpacked to nothing")
+    env = {**os.environ, **dict(group.build_environment)}
+    build_dir = folder / "build"
+    _run([*pip, "-v", f"--config-settings=build-dir={build_dir}", str(source)],
+         f"pip install {group.sdist} from source", group, env=env)  # fmt: skip
+    for package in group.sdist_packages:
+        _run([*pip, str(source / package)], f"pip install {package}", group)
+    return {name: EXTRA_BUILDS[name](group, folder, source, build_dir, env) for name in group.extra_builds}
+
+
+def _build_llama_tool(target: str, group: EnvGroup, folder: Path, source: Path, build_dir: Path, env: dict):
+    """Re-configure the kept llama-cpp-python build tree with LLAMA_BUILD_TOOLS=ON and build only ``target``
+    (the libraries are already built, so this compiles the tool alone); the binary is copied to <venv>/bin.
+    Returns its path, or None (recorded in the marker) when it did not build."""
+    cmake = shutil.which("cmake", path=f"{folder / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}") or "cmake"
+    steps = [
+        [cmake, "-S", str(source), "-B", str(build_dir), "-DLLAMA_BUILD_TOOLS=ON"],
+        [cmake, "--build", str(build_dir), "--target", target, "-j", env.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")],
+    ]
+    for cmd in steps:
+        print(f"[reflora envs] {group.name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print(f"[reflora envs] {group.name}: {target} did not build (optional)", file=sys.stderr, flush=True)
+            return None
+    built = [p for p in build_dir.rglob(target) if p.is_file() and os.access(p, os.X_OK)]
+    if not built:
+        return None
+    destination = folder / "bin" / target
+    shutil.copy2(built[0], destination)
+    return str(destination)
+
+
+EXTRA_BUILDS = {"llama-export-lora": lambda *args: _build_llama_tool("llama-export-lora", *args)}
 
 
 def env_variables(group: EnvGroup, folder: Path) -> dict[str, str]:
@@ -307,6 +415,7 @@ def describe() -> list[dict]:
                 "install_seconds": marker.get("install_seconds"),
                 "size_mb": round(marker["size_bytes"] / 2**20) if "size_bytes" in marker else None,
                 "requirements": [*group.requirements, *(f"{r} (--no-deps)" for r in group.no_deps)],
+                "on_request": group.on_request,
             }
         )
     return rows
@@ -316,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.envs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="the groups, their candidates and the state of their venvs")
-    build = sub.add_parser("build", help="build (or reuse) the venv of one group, or of all")
+    build = sub.add_parser("build", help="build (or reuse) the venv of one group, or of all (but llama: only "
+                           "on request)")  # fmt: skip
     build.add_argument("group", choices=[*GROUPS, "all"])
     build.add_argument("--rebuild", action="store_true", help="rebuild even when the venv is current")
     run = sub.add_parser("run", help="run a command inside a group's venv (after --)")
@@ -331,7 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(describe(), indent=1))
             return 0
         if args.action == "build":
-            for name in GROUPS if args.group == "all" else [args.group]:
+            if args.group == "all":
+                for name in (g.name for g in GROUPS.values() if g.on_request):
+                    print(f"{name}: skipped (built only on request: python -m conformance.envs build {name})")
+            names = [g.name for g in GROUPS.values() if not g.on_request] if args.group == "all" else [args.group]
+            for name in names:
                 folder = ensure_env(name, rebuild=args.rebuild)
                 marker = read_marker(folder) or {}
                 size = marker.get("size_bytes", 0) / 2**20

@@ -22,13 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from conformance.protocol import AdaptersCase, LayerCase, ModelCase, targeted_keys
+from conformance.protocol import AdaptersCase, LayerAdaptersCase, LayerCase, LayerInitCase, ModelCase, targeted_keys
 from reflora.config import GPT2Config, LoraConfig
 from reflora.layer import LayerAdapter, adapted_linear_backward, adapted_linear_forward
 from reflora.lora_init import init_adapter
-from reflora.merge import MergeError, lora_delta_bias, lora_delta_weight, merge_adapters, unmerge_adapters
+from reflora.merge import (
+    MergeError,
+    dora_delta_weight,
+    dora_norm,
+    lora_delta_bias,
+    lora_delta_weight,
+    merge_adapters,
+    unmerge_adapters,
+)
 from reflora.model import gpt2_backward, gpt2_forward, gpt2_loss_and_grads, trainable_keys
 from reflora.ops import LoraBranchWeights, lora_linear_backward, lora_linear_forward
+from reflora.ops.linear import linear_forward
 from reflora.scaling import runtime_multiplier, scaled_lora
 from reflora.targets import LoraModule, plan_lora
 from reflora.weighted import add_weighted_adapter
@@ -150,12 +159,19 @@ def layer_adapted_forward_backward(case: LayerCase, dtype: str, norm_gradient: s
 def layer_merge(case: LayerCase, dtype: str) -> dict[str, np.ndarray]:
     """``merged_weight``, ``merged_y`` (forward with the merged weight, eval mode) and ``unmerged_weight``.
 
-    The delta is ``reflora.merge.lora_delta_weight`` (Σ_branches s·BA, laid out like ``case.weight``). In
-    float64 the unmerged weight is W itself (the exact answer); in a lower dtype it is (W + Δ) − Δ rounded in
-    that dtype, which is what a plain evaluation returns."""
+    The delta is ``reflora.merge.lora_delta_weight`` (Σ_branches s·BA, laid out like ``case.weight``); with
+    ``case.magnitude`` (DoRA, one full-width branch) it is ``reflora.merge.dora_delta_weight``, m ⊙ V/‖V‖_row − W
+    with V = W + s·BA, so that the merged weight is m ⊙ V/‖V‖_row. In float64 the unmerged weight is W itself
+    (the exact answer); in a lower dtype it is (W + Δ) − Δ rounded in that dtype, which is what a plain
+    evaluation returns."""
     weight, bias = cast(case.weight, dtype), cast(case.bias, dtype)
     out_f = case.dy.shape[-1]
-    delta = lora_delta_weight([br for _, br in layer_branches(case, dtype)], out_f, case.layout)
+    branches = [br for _, br in layer_branches(case, dtype)]
+    if case.magnitude is not None:  # layer.dora_merge.* / layer.dora_unmerge.*
+        (branch,) = branches
+        delta = dora_delta_weight(weight, branch, cast(case.magnitude, dtype), case.layout)
+    else:
+        delta = lora_delta_weight(branches, out_f, case.layout)
     merged = np.ascontiguousarray(weight + delta)
     x = cast(case.x, dtype)  # (B, T, in)
     merged_y = x @ merged if case.layout == "conv1d" else x @ merged.T  # (B, T, out)
@@ -163,6 +179,65 @@ def layer_merge(case: LayerCase, dtype: str) -> dict[str, np.ndarray]:
         merged_y = merged_y + bias
     unmerged = weight if dtype == "float64" else merged - delta
     return {"merged_weight": merged, "merged_y": merged_y, "unmerged_weight": unmerged}
+
+
+def layer_init_expectation(case: LayerInitCase, lora_A, lora_B, dtype: str) -> dict[str, Any]:
+    """What a layer initialised with the candidate's own ``lora_A`` (r, in) and ``lora_B`` (out, r) must give:
+    ``y`` (B, T, out) = x Wᵀ + b + s·B A x (``lora_linear_forward``; x Wᵀ + b where B or A is zero), ``weight``
+    (the case's, unchanged) and, with ``case.use_dora``, ``magnitude`` (out,) = ‖W + s·B A‖_row
+    (``reflora.merge.dora_norm``; the row norms of W when B A = 0). DoRA's y at init is the same y (m = ‖V‖)."""
+    batch, seq_len, in_f = case.x.shape
+    x = cast(case.x, dtype).reshape(batch * seq_len, in_f)  # (N, in)
+    weight, bias = cast(case.weight, dtype), cast(case.bias, dtype)
+    A, B = cast(lora_A, dtype), cast(lora_B, dtype)
+    branch = LoraBranchWeights(A, B, case.scaling, 0, B.shape[0])
+    y, _ = lora_linear_forward(x, weight, bias, (branch,), None, 0.0, case.layout)  # (N, out)
+    out: dict[str, Any] = {"y": y.reshape(batch, seq_len, -1), "weight": weight}
+    if case.use_dora:
+        out["magnitude"] = dora_norm(weight, branch, case.layout)
+    return out
+
+
+def layer_base_output(case: LayerInitCase | LayerAdaptersCase, dtype: str) -> np.ndarray:
+    """The base layer's y = x Wᵀ + b (B, T, out) (``reflora.ops.linear.linear_forward``)."""
+    batch, seq_len, in_f = case.x.shape
+    x = cast(case.x, dtype).reshape(batch * seq_len, in_f)  # (N, in)
+    y, _ = linear_forward(x, cast(case.weight, dtype), cast(case.bias, dtype), case.layout)
+    return y.reshape(batch, seq_len, -1)
+
+
+def layer_adapters_forward_backward(case: LayerAdaptersCase, dtype: str) -> dict[str, Any]:
+    """Several LoRA adapters on one layer (``reflora.layer.adapted_linear_forward/backward``, each adapter a
+    ``LayerAdapter`` with its own scaling): y = x Wᵀ + b + Σ_a R_a ⊙ s_a B_a A_a x with R_a all ones for an
+    adapter of ``case.active`` (none for ``[]``), or the rows of the batch samples named a in
+    ``case.adapter_names``. Eval mode. Returns ``y`` (B, T, out), ``dx`` (B, T, in) and ``grads``
+    {"<name>.lora_A": (r, in), "<name>.lora_B": (out, r)} for every adapter that acts on some row."""
+    batch, seq_len, in_f = case.x.shape
+    n = batch * seq_len
+    x = cast(case.x, dtype).reshape(n, in_f)  # (N, in)
+    weight, bias = cast(case.weight, dtype), cast(case.bias, dtype)
+    out_f = case.dy.shape[-1]
+    if case.adapter_names is not None:
+        acting = [name for name in case.adapters if name in case.adapter_names]
+    else:
+        acting = list(case.active or [])
+    adapters = []
+    for name in acting:
+        a = case.adapters[name]
+        branch = LoraBranchWeights(cast(a["lora_A"], dtype), cast(a["lora_B"], dtype), case.scaling(name), 0, out_f)
+        rows = None
+        if case.adapter_names is not None:  # (N, 1): 1 on the T rows of every sample named `name`
+            chosen = np.array([row == name for row in case.adapter_names], dtype=NUMPY_DTYPES[dtype])
+            rows = np.repeat(chosen, seq_len).reshape(n, 1)
+        adapters.append(LayerAdapter((branch,), (None,), None, None, 0.0, rows))
+    y, cache = adapted_linear_forward(x, weight, bias, tuple(adapters), case.layout)  # (N, out)
+    dy = cast(case.dy, dtype).reshape(n, out_f)  # (N, out)
+    dx, _, _, grads = adapted_linear_backward(dy, cache, weight, tuple(adapters), case.layout)
+    out: dict[str, Any] = {"y": y.reshape(batch, seq_len, out_f), "dx": dx.reshape(batch, seq_len, in_f), "grads": {}}
+    for name, g in zip(acting, grads, strict=True):
+        ((dA, dB),) = g.branches
+        out["grads"][f"{name}.lora_A"], out["grads"][f"{name}.lora_B"] = dA, dB
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +401,8 @@ def weighted_expectation(case: AdaptersCase, dtype: str) -> dict[str, Any]:
     params, adapters = cast_tree(case.params, dtype), cast_tree(case.adapters, dtype)
     c = case.combination
     lora, tensors = add_weighted_adapter(case.config, adapters, c["names"], c["weights"], c["combination_type"],
-                                         c["svd_rank"], c.get("density"),
-                                         c.get("majority_sign_method", "total"))  # fmt: skip
+                                         c["svd_rank"], c.get("density"), c.get("majority_sign_method", "total"),
+                                         keep_masks=case.keep_masks)  # fmt: skip
     out = module_deltas(case.config, lora, tensors)
     if not out["bias_deltas"]:
         del out["bias_deltas"]

@@ -3,13 +3,15 @@
 A feature names what it checks, at which level, with which driver method, and which capabilities it needs.
 A candidate that lacks one of them gets "not supported" with the reason from its ``Capabilities.notes``.
 
-Feature ids are stable: deviation lists match them by prefix, and ``reflora matrix`` joins reports on them.
+Feature ids are stable: deviation lists name them (at a dot boundary, conformance.deviations.covers), and
+``reflora matrix`` joins reports on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conformance.init_laws import ANY_LAW, LAW_NAMES
 from conformance.protocol import Capabilities
 
 
@@ -24,8 +26,17 @@ class Feature:
     title: str = ""
 
 
-MERGE_VARIANTS = ("merge", "unmerge", "merge_square", "unmerge_square")  # layer level, method layer_merge
-UNMERGE_VARIANTS = ("unmerge", "unmerge_square")  # checked on unmerged_weight only
+# layer level, method layer_merge
+MERGE_VARIANTS = ("merge", "unmerge", "merge_square", "unmerge_square", "dora_merge", "dora_unmerge")
+MERGE_VARIANTS += ("merge_qkv_slices", "unmerge_qkv_slices")
+UNMERGE_VARIANTS = ("unmerge", "unmerge_square", "dora_unmerge", "unmerge_qkv_slices")  # unmerged_weight only
+HALF_VARIANTS = ("bfloat16", "float16")  # layer.forward_backward with the dtype forced
+ADAPTERS_VARIANTS = ("adapters_active", "adapters_disabled", "adapters_mixed_batch")  # method layer_adapters
+
+
+# per-slice merge: merge_qkv_slices is opt-in, so a driver with merge and per_slice_qkv whose layer_merge ignores
+# case.qkv_slices is not asked (docs/conformance.md, "What is checked")
+_QKV_MERGE = ("per_slice_qkv", "merge_qkv_slices")
 
 
 def _layer_features() -> list[Feature]:
@@ -44,6 +55,9 @@ def _layer_features() -> list[Feature]:
         ("lora_bias", "lora_bias: branch s·(BAx + b_B); y, dx, dA, dB, d b_B", ("layer_lora_bias",)),
         ("dora", "DoRA, detached norm (PEFT's): y, dx, dA, dB, d magnitude", ("layer_dora",)),
         ("dora_full_norm", "DoRA, full-norm gradient (alternative): y, dx, dA, dB, dm", ("layer_dora_full_norm",)),
+        # per-slice q/k/v branches merged into the fused weight: each slice's delta lands in its own output rows
+        ("merge_qkv_slices", "merge per-slice q/k/v LoRA into the fused weight", ("merge", *_QKV_MERGE)),
+        ("unmerge_qkv_slices", "unmerge restores the fused q/k/v weight", ("merge", "unmerge", *_QKV_MERGE)),
     ]
     for layout in ("linear", "conv1d"):
         for variant, title, variant_needs in variants:
@@ -52,6 +66,38 @@ def _layer_features() -> list[Feature]:
             out.append(
                 Feature(f"layer.{variant}.{layout}", "layer", method, needs, variant, layout, f"{layout}: {title}")
             )
+    return out
+
+
+def _layer_features_15() -> list[Feature]:
+    """Issue 15.1's layer features (docs/conformance.md, "Layer level"): DoRA merge / unmerge (``layer_merge``
+    with a magnitude), the library's own inits (``layer_init``, one feature per law of conformance.init_laws),
+    DoRA at init, several adapters on one layer (``layer_adapters``) and the half-precision forward_backward."""
+    variants = [
+        ("dora_merge", "layer_merge", "DoRA merge: W' = m ⊙ V/‖V‖_row, V = W + s·BA; forward after merge",
+         ("merge", "layer_dora", "layer_dora_merge")),
+        ("dora_unmerge", "layer_merge", "DoRA unmerge after merge restores W",
+         ("merge", "unmerge", "layer_dora", "layer_dora_merge")),
+        *[(f"init:{name}", "layer_init", f"the library's init for law {name} (conformance.init_laws): KS tests of "
+           "A and B, B = 0 where the law says, y = base where it holds, W unchanged", (f"layer_init:{name}",))
+          for name in LAW_NAMES],
+        ("dora_init", "layer_init", "DoRA at init: magnitude = row norms of W, y = base (the first declared law)",
+         ("layer_dora", f"layer_init:{ANY_LAW}")),
+        ("adapters_active", "layer_adapters", "several adapters active together (any order): y, dx, every dA, dB",
+         ("layer_multi_adapter",)),
+        ("adapters_disabled", "layer_adapters", "every adapter disabled: exactly the base layer",
+         ("layer_multi_adapter",)),
+        ("adapters_mixed_batch", "layer_adapters", "one adapter per batch row (and base rows): y, dx, dA, dB",
+         ("layer_multi_adapter", "layer_mixed_batch")),
+        ("bfloat16", "layer_forward_backward", "forward_backward in bfloat16", ("dtype:bfloat16",)),
+        ("float16", "layer_forward_backward", "forward_backward in float16", ("dtype:float16",)),
+    ]  # fmt: skip
+    out = []
+    for layout in ("linear", "conv1d"):
+        for variant, method, title, variant_needs in variants:
+            fid = "layer." + variant.replace(":", ".").replace("adapters_", "adapters.") + f".{layout}"
+            needs = (f"layout:{layout}", *variant_needs)
+            out.append(Feature(fid, "layer", method, needs, variant, layout, f"{layout}: {title}"))
     return out
 
 
@@ -95,6 +141,30 @@ MODEL_FEATURES = [
     Feature("model.embedding.trainable_tokens", "model", "model_forward_backward", (*_MODEL, "trainable_tokens"),
             "trainable_tokens", title="trainable_token_indices (list or {'wte': [...]}): rows of wte replaced by "
             "trainable_tokens_delta in the lookup and the tied head"),
+    Feature("model.modules_to_save.module", "model", "model_forward_backward", (*_MODEL, "modules_to_save"),
+            "mts_module", title="modules_to_save of Conv1Ds / LayerNorms / wpe / ln_f: trainable copies replace them "
+            "(suffix match), a saved module gets no LoRA"),
+    Feature("model.modules_to_save.wte", "model", "model_forward_backward", (*_MODEL, "modules_to_save"), "mts_wte",
+            title="modules_to_save=['wte']: the lookup uses the copy, the tied head keeps W (ensure_weight_tying "
+            "changes nothing)"),
+    Feature("model.modules_to_save.lm_head", "model", "model_forward_backward", (*_MODEL, "modules_to_save"),
+            "mts_lm_head", title="modules_to_save=['lm_head'] (and 'wte'): the head uses its own (V, C) copy, the "
+            "lookup keeps W"),
+    Feature("model.modules_to_save.tied", "model", "model_forward_backward",
+            (*_MODEL, "modules_to_save", "ensure_weight_tying"), "mts_tied",
+            title="modules_to_save with 'lm_head' + ensure_weight_tying: one wte copy for lookup and head"),
+    Feature("model.modules_to_save.files.save", "model", "save_adapter", (*_MODEL, "modules_to_save", "adapter_files"),
+            "mts_files", title="modules_to_save adapter files written by the candidate, read by reflora "
+            "(base_model.model.<module>.weight keys)"),
+    Feature("model.modules_to_save.files.load", "model", "load_adapter_logits",
+            (*_MODEL, "modules_to_save", "adapter_files"), "mts_files",
+            title="modules_to_save adapter files written by reflora, read by the candidate"),
+    Feature("model.modules_to_save.files.tied_save", "model", "save_adapter",
+            (*_MODEL, "modules_to_save", "ensure_weight_tying", "adapter_files"), "mts_files_tied",
+            title="tied modules_to_save files written by the candidate (the copy saved twice), read by reflora"),
+    Feature("model.modules_to_save.files.tied_load", "model", "load_adapter_logits",
+            (*_MODEL, "modules_to_save", "ensure_weight_tying", "adapter_files"), "mts_files_tied",
+            title="tied modules_to_save files written by reflora, read by the candidate"),
     Feature("model.qkv_slices", "model", "model_forward_backward", (*_MODEL, "per_slice_qkv"), "qkv",
             title="per-slice q/k/v LoRA on c_attn"),
     Feature("model.adapter_save", "model", "save_adapter", (*_MODEL, "adapter_files"), "adapter_save",
@@ -104,7 +174,7 @@ MODEL_FEATURES = [
     Feature("model.adapter_switch", "model", "model_switch_adapters", (*_MODEL, "adapter_switching"), "adapter_switch",
             title="two adapters: switch the active one and back"),
 ]  # fmt: skip
-LAYER_FEATURES = _layer_features()
+LAYER_FEATURES = _layer_features() + _layer_features_15()
 
 # docs/advanced-semantics.md: cases are conformance.protocol.AdaptersCase (drawn by strategies.draw_advanced_spec,
 # built by cases.build_advanced_case), checked by checks.check_advanced
@@ -178,6 +248,26 @@ ADVANCED_FEATURES = [
     Feature("model.weighted.patterns", "advanced", "weighted_adapter",
             (*_ADV, "combination:cat", "combination:svd", "rank_alpha_pattern"), "weighted_patterns",
             title="'cat' / 'svd' of sources with rank_pattern and alpha_pattern: each module's own r and s"),
+    Feature("model.weighted.dare_linear", "advanced", "weighted_adapter", (*_ADV, "combination:dare_linear"),
+            "weighted_dare_linear", title="'dare_linear': A_i, B_i ⊙ injected keep-masks / density, summed with c_i"),
+    Feature("model.weighted.dare_ties", "advanced", "weighted_adapter", (*_ADV, "combination:dare_ties"),
+            "weighted_dare_ties", title="'dare_ties': random-pruned, rescaled A_i, B_i; elected sign, disjoint mean"),
+    Feature("model.weighted.dare_linear_svd", "advanced", "weighted_adapter", (*_ADV, "combination:dare_linear_svd"),
+            "weighted_dare_linear_svd", title="'dare_linear_svd': masked s_i B_i A_i / density summed, rank-k SVD"),
+    Feature("model.weighted.dare_ties_svd", "advanced", "weighted_adapter", (*_ADV, "combination:dare_ties_svd"),
+            "weighted_dare_ties_svd", title="'dare_ties_svd': dare_ties on the s_i B_i A_i, then rank-k SVD"),
+    Feature("model.merge.dora_zero_row", "advanced", "model_merge", (*_ADV, "model_merge", "dora"),
+            "merge_dora_zero_row", title="merge a DoRA adapter with a zero-norm row: merged row 0, no NaN, unmerge"),
+    Feature("model.dora.init_zero_row", "advanced", "init_adapter", (*_ADV, "dora", "init:true"),
+            "dora_init_zero_row", title="DoRA init on a zero row of W: magnitude 0 there, output = base, no NaN"),
+    Feature("model.adapters.trainable_tokens", "advanced", "model_adapters",
+            (*_ADV, "multi_adapter", "trainable_tokens"), "adapters_trainable_tokens",
+            title="a trainable-tokens adapter active with a LoRA one: logits, loss, gradients (new rows included)"),
+    Feature("model.merge.trainable_tokens", "advanced", "model_merge", (*_ADV, "model_merge", "trainable_tokens"),
+            "merge_trainable_tokens", title="merge trainable tokens: wte's rows become the new rows, unmerge restores"),
+    Feature("model.merge.trainable_tokens_mixed", "advanced", "model_merge",
+            (*_ADV, "model_merge", "trainable_tokens"), "merge_trainable_tokens_mixed",
+            title="merge a trainable-tokens adapter together with a plain LoRA adapter"),
 ]  # fmt: skip
 GOLDEN_FEATURE = Feature("golden.replay", "golden", "model_forward_backward", _MODEL, "golden",
                          title="the committed golden fixtures, as fixed regression points")  # fmt: skip
@@ -188,7 +278,8 @@ def missing_capability(caps: Capabilities, needs: tuple[str, ...]) -> str | None
     """``None`` if ``caps`` has every requirement, else the reason the first missing one is not supported.
 
     Requirements: a boolean capability name (``"rslora"``), ``"layout:<layout>"``, ``"bias:<mode>"`` (``"bias:
-    trainable"``: any mode other than 'none'), ``"dtype:<dtype>"``.
+    trainable"``: any mode other than 'none'), ``"dtype:<dtype>"``, ``"init:<method>"``, ``"combination:<type>"``,
+    ``"layer_init:<law>"`` (a law of conformance.init_laws in ``layer_init_methods``; ``"layer_init:*"``: any).
     """
     for need in needs:
         kind, _, value = need.partition(":")
@@ -201,6 +292,9 @@ def missing_capability(caps: Capabilities, needs: tuple[str, ...]) -> str | None
             ok, note = value in caps.dtypes, "dtypes"
         elif kind == "init":
             ok, note = value in caps.init_methods, "init_methods"
+        elif kind == "layer_init":  # "layer_init:*": any law (conformance.init_laws.ANY_LAW)
+            ok = bool(caps.layer_init_methods) if value == ANY_LAW else value in caps.layer_init_methods
+            note = "layer_init_methods"
         elif kind == "combination":
             ok, note = value in caps.weighted_combinations, "weighted_combinations"
         else:

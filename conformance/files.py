@@ -264,7 +264,7 @@ def run_file_feature(
     """Run ``examples`` seeded draws of ``feature`` through ``consumer``; the first failure stops the feature.
     A consumer raising ``NotSupported`` (conformance.protocol) for a draw makes the feature not supported;
     ``CandidateError`` (crash, timeout, bad output) and any other exception an error. A failure whose feature id
-    starts with one of ``deviations`` (conformance.deviations.Deviation) is a ``known_deviation``."""
+    one of ``deviations`` covers (conformance.deviations.covers) is a ``known_deviation``."""
     from conformance.deviations import match
     from conformance.protocol import CandidateError, NotSupported
 

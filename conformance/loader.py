@@ -133,7 +133,9 @@ def import_root(candidate: str) -> str | None:
 METHODS = ("layer_forward_backward", "layer_merge", "model_forward_backward", "save_adapter",
            "load_adapter_logits", "model_switch_adapters",
            # optional, the advanced level (conformance.protocol.Driver)
-           "model_adapters", "model_merge", "merge_and_unload", "init_adapter", "weighted_adapter")  # fmt: skip
+           "model_adapters", "model_merge", "merge_and_unload", "init_adapter", "weighted_adapter",
+           # optional, the layer level (issue 15.1)
+           "layer_init", "layer_adapters")  # fmt: skip
 
 
 def call_driver(driver, method: str, spec: dict[str, Any], folder: str | None) -> Any:

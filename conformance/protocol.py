@@ -28,6 +28,8 @@ Optional attributes a driver may add (the suite uses them when present):
 * ``deviations``: path of its expected-deviations JSON (default for shipped drivers:
   ``conformance/deviations/<name>.json``; see docs/conformance.md).
 * ``model_switch_adapters(case)``: see ``Driver`` below; needs ``Capabilities.adapter_switching``.
+* the layer-level optional methods ``layer_init`` [layer_init_methods] (a ``LayerInitCase``) and
+  ``layer_adapters`` [layer_multi_adapter; layer_mixed_batch] (a ``LayerAdaptersCase``); see ``Driver``.
 * the advanced methods (docs/advanced-semantics.md: merge at model level, DoRA, initialisations, several
   adapters, weighted combinations), each taking an ``AdaptersCase`` and needing the capability in brackets:
   ``model_adapters`` [multi_adapter; dora; mixed_batch], ``model_merge`` [model_merge], ``merge_and_unload``
@@ -48,10 +50,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from reflora.config import GPT2Config, LoraConfig
-from reflora.targets import plan_lora
+from reflora.targets import TOKENS_MODULE, base_shapes, plan_lora
 
 LAYOUTS = ("linear", "conv1d")  # linear: W is (out, in), y = x Wᵀ; conv1d: W is (in, out), y = x W
 DTYPES = ("float64", "float32", "bfloat16")
+# dtypes a candidate may also declare, drawn only by the features that force them (``layer.float16.*``): never by
+# the plain dtype draws, so that adding one changes no existing draw
+EXTRA_DTYPES = ("float16",)
 BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -68,7 +73,7 @@ class Capabilities:
     dropout_mask_injection: bool = False  # the reference's keep-mask can be put into the library's dropout
     bias_modes: frozenset[str] = frozenset({"none"})
     per_slice_qkv: bool = False  # independent LoRA on chosen q/k/v slices of a fused projection
-    dtypes: frozenset[str] = frozenset({"float64"})
+    dtypes: frozenset[str] = frozenset({"float64"})  # subset of DTYPES + EXTRA_DTYPES
     target_modules_list: bool = False  # model level: PEFT's suffix-matching list
     target_modules_regex: bool = False  # model level: PEFT's fullmatch regex
     layers_to_transform: bool = False
@@ -78,10 +83,16 @@ class Capabilities:
     runtime_scaling: bool = False  # model level: ModelCase.scale_ops (PEFT's set_scale / scale_layer / unscale_layer)
     embedding_lora: bool = False  # model level: LoRA on wte (PEFT lora.Embedding, lora_embedding_A/B, no dropout)
     trainable_tokens: bool = False  # model level: trainable_token_indices (new wte rows, used by the tied head too)
+    modules_to_save: bool = False  # model level: modules_to_save (trainable copies; wte's leaves the head on W)
+    ensure_weight_tying: bool = False  # model level: modules_to_save + ensure_weight_tying: one wte copy, head tied
     position_ids: bool = False
     padding: bool = False  # attention_mask with padding
     merge: bool = False  # layer level: merge W + s·BA (layer_merge's merged_weight, merged_y)
     unmerge: bool = True  # with merge: unmerge restores W (unmerged_weight); False for merge-only libraries
+    # opt-in (issue 15): layer_merge with case.qkv_slices, each slice's s·B A in its own output rows (the
+    # layer.merge_qkv_slices / layer.unmerge_qkv_slices features); a driver declaring merge and per_slice_qkv only
+    # is not asked for it
+    merge_qkv_slices: bool = False
     adapter_files: bool = False  # model level: write/read PEFT-format adapter files
     adapter_switching: bool = False  # model level: hold two adapters and switch the active one
     # docs/advanced-semantics.md; the optional methods (on ``Driver`` below) take an ``AdaptersCase``
@@ -92,10 +103,15 @@ class Capabilities:
     layer_lora_bias: bool = False  # layer_forward_backward with case.lora_bias_B: returns lora_B_bias (its grad)
     layer_dora: bool = False  # layer_forward_backward with case.magnitude: detached-norm DoRA, returns magnitude
     layer_dora_full_norm: bool = False  # the same with case.dora_norm == "full": the norm is differentiated too
+    # issue 15.1, layer level (docs/conformance.md, "Layer level"): optional methods on ``Driver`` below
+    layer_dora_merge: bool = False  # layer_merge with case.magnitude: merged_weight = m ⊙ V/‖V‖_row, V = W + s·BA
+    layer_init_methods: frozenset[str] = frozenset()  # layer_init(case): laws of conformance.init_laws.LAWS
+    layer_multi_adapter: bool = False  # layer_adapters(case): several adapters on one layer, active set, disabled
+    layer_mixed_batch: bool = False  # layer_adapters(case) with case.adapter_names (one adapter per batch row)
     init_methods: frozenset[str] = frozenset()  # init_adapter: true gaussian false pissa pissa_niter olora orthogonal
     multi_adapter: bool = False  # model_adapters(case): several adapters, an ordered active set, disabled
     mixed_batch: bool = False  # model_adapters(case) with one adapter name per row
-    weighted_combinations: frozenset[str] = frozenset()  # weighted_adapter: cat linear svd ties magnitude_prune (+_svd)
+    weighted_combinations: frozenset[str] = frozenset()  # weighted_adapter: cat linear svd ties ... dare_ties_svd
     notes: dict[str, str] = field(default_factory=dict)  # capability name -> why missing / how mapped
 
 
@@ -133,6 +149,57 @@ class LayerCase:
         """The scaling s of every branch: ``reflora.config.LoraConfig.scaling`` (alpha/r, or alpha/√r under rsLoRA)."""
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora).scaling(
             self.r, self.lora_alpha
+        )
+
+
+@dataclass
+class LayerInitCase:
+    """One LoRA layer to initialise with the library's own init (``layer_init``; features ``layer.init.<law>.*``,
+    ``layer.dora_init.*``). Arrays are NumPy float64; ``dtype`` is what the candidate runs in."""
+
+    layout: str  # "linear" or "conv1d"
+    x: np.ndarray  # (B, T, in)
+    weight: np.ndarray  # (out, in) if linear, (in, out) if conv1d
+    bias: np.ndarray | None  # (out,)
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    init: str  # a law name of conformance.init_laws.LAWS (one of Capabilities.layer_init_methods)
+    use_dora: bool = False  # DoRA: the library also initialises the magnitude (returned as "magnitude")
+    dtype: str = "float32"
+    seed: int = 0  # seed the library's RNG with it
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha/r (alpha/√r under rsLoRA): ``reflora.config.LoraConfig.scaling``."""
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora).scaling(
+            self.r, self.lora_alpha
+        )
+
+
+@dataclass
+class LayerAdaptersCase:
+    """Several named LoRA adapters on one layer (``layer_adapters``; features ``layer.adapters.*``). Arrays are
+    NumPy float64; ``dtype`` is what the candidate runs in. Eval mode, no dropout, no bias training."""
+
+    layout: str  # "linear" or "conv1d"
+    x: np.ndarray  # (B, T, in)
+    weight: np.ndarray  # (out, in) if linear, (in, out) if conv1d
+    bias: np.ndarray | None  # (out,)
+    dy: np.ndarray  # (B, T, out): the upstream gradient; backward computes grads of Σ dy ⊙ y
+    # name -> {"lora_A": (r, in), "lora_B": (out, r), "r": int, "lora_alpha": float, "use_rslora": bool},
+    # created in dict order
+    adapters: dict[str, dict[str, Any]]
+    active: list[str] | None = None  # applied to every row, in this order; [] = every adapter disabled
+    adapter_names: list[str] | None = None  # one name per batch row, "__base__" = none [layer_mixed_batch]
+    dtype: str = "float64"
+    seed: int = 0
+
+    def scaling(self, name: str) -> float:
+        """Adapter ``name``'s s = alpha/r (alpha/√r under rsLoRA): ``reflora.config.LoraConfig.scaling``."""
+        a = self.adapters[name]
+        return LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], use_rslora=a["use_rslora"]).scaling(
+            a["r"], a["lora_alpha"]
         )
 
 
@@ -185,10 +252,14 @@ class AdaptersCase:
     combination: dict[str, Any] | None = None
     dtype: str = "float64"
     seed: int = 0
+    # DARE combinations (density < 1): mask key -> one keep-mask per source (reflora.weighted.dare_mask_shapes)
+    keep_masks: dict[str, list[np.ndarray]] | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every input array under a flat name, for ``--dump`` (conformance.cases.case_tensors)."""
         out = {f"base/{k}": v for k, v in self.params.items()}
+        for key, masks in (self.keep_masks or {}).items():
+            out.update({f"keep_mask/{key}/{i}": m for i, m in enumerate(masks)})
         for name, (_, tensors) in self.adapters.items():
             out.update({f"adapter/{name}/{k}": v for k, v in tensors.items()})
         out["input_ids"] = self.input_ids
@@ -202,8 +273,10 @@ class AdaptersCase:
 def targeted_keys(case: AdaptersCase) -> list[str]:
     """HF keys of the weights (and biases) of every module some adapter targets (what ``model_merge`` returns
     under ``"merged"``, ``"unmerged"`` and ``"after"``)."""
-    modules = sorted({m for lora, _ in case.adapters.values() for m in plan_lora(case.config, lora)})
-    return [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
+    shapes = base_shapes(case.config)  # trainable tokens change wte's weight (it has no bias)
+    modules = sorted({"transformer.wte" if m == TOKENS_MODULE else m
+                      for lora, _ in case.adapters.values() for m in plan_lora(case.config, lora)})  # fmt: skip
+    return [key for m in modules for key in (f"{m}.weight", f"{m}.bias") if key in shapes]
 
 
 @runtime_checkable
@@ -231,7 +304,28 @@ class Driver(Protocol):
     def layer_merge(self, case: LayerCase) -> dict[str, np.ndarray]:
         """Merge the LoRA delta into the weight, unmerge it again. Returns ``merged_weight``,
         ``merged_y`` (forward after merge), ``unmerged_weight`` (after merge then unmerge), in the case's layout.
-        A library that merges but cannot unmerge (``Capabilities.unmerge=False``) returns the first two only."""
+        A library that merges but cannot unmerge (``Capabilities.unmerge=False``) returns the first two only.
+        [layer_dora_merge] ``case.magnitude`` (out,) set (one full-width branch, no dropout): a DoRA layer with
+        that magnitude; ``merged_weight`` = m ⊙ V/‖V‖_row with V = W + s·B A (the row norm over the input
+        dimension), in the case's layout, and ``unmerged_weight`` ≈ W again."""
+        ...
+
+    def layer_init(self, case: LayerInitCase) -> dict[str, np.ndarray]:
+        """[layer_init_methods] Build the library's LoRA layer on ``case.weight`` / ``case.bias`` with the library's
+        own initialisation for the law ``case.init`` (conformance.init_laws; its RNG seeded with ``case.seed``),
+        and ``case.use_dora`` [layer_dora]. Nothing is copied into A or B. Returns ``lora_A`` (r, in),
+        ``lora_B`` (out, r), ``y`` (B, T, out): the forward of ``case.x`` at init in eval mode, ``weight``: the
+        base weight after the init, in the case's layout, and ``magnitude`` (out,) when ``case.use_dora``."""
+        ...
+
+    def layer_adapters(self, case: LayerAdaptersCase) -> dict[str, Any]:
+        """[layer_multi_adapter; layer_mixed_batch] Build the library's LoRA layer with every adapter of
+        ``case.adapters`` (created in dict order, named by its key, its A and B copied in), then run forward and
+        backward (from ``case.dy``, eval mode) with ``case.active`` (applied to every row, in that order; ``[]``:
+        every adapter disabled) or ``case.adapter_names`` (one name per batch row, ``"__base__"`` for none).
+        Expected y = x Wᵀ + b + Σ_active s_i B_i A_i x. Returns ``{"y" (B, T, out), "dx" (B, T, in), "grads":
+        {"<name>.lora_A": (r, in), "<name>.lora_B": (out, r)}}`` for every adapter that acts on some row (grads
+        may be omitted when every adapter is disabled)."""
         ...
 
     def model_forward_backward(self, case: ModelCase) -> dict[str, Any]:
@@ -294,7 +388,9 @@ class Driver(Protocol):
         ``majority_sign_method``) into a new adapter (named ``COMBINED``). Returns ``{"deltas": {module:
         (out, in)}, "bias_deltas": {module: (out,)}, "logits"}``: its effective ΔW per module (scaling included,
         (out, in) form), its effective bias delta ``s·b_B`` when it has one, and eval logits with the new adapter
-        alone active."""
+        alone active. DARE types (``dare_*``, density < 1): the library's random keep-masks are
+        ``case.keep_masks`` (mask key -> one mask per source, in ``reflora.weighted.dare_mask_shapes`` order and
+        (out, in) / (r, in) / (out, r) shapes); a driver that cannot inject them raises NotSupported."""
         ...
 
 

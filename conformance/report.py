@@ -80,11 +80,13 @@ def build_report(suite, complete: bool = True, running: str | None = None) -> di
     scored = counts["pass"] + counts["fail"] + counts["known_deviation"] + counts["not_supported"]
     supported = counts["pass"] + counts["fail"] + counts["known_deviation"]
     deviations = getattr(suite, "deviations", [])
-    unmatched = [d.id for d in deviations if not any(t.startswith(d.id) for t in all_test_ids(suite))]
+    from conformance.deviations import covers
+
+    unmatched = [d.id for d in deviations if not any(covers(d.id, t) for t in all_test_ids(suite))]
     not_reproduced = [
         d.id for d in deviations
-        if d.id not in unmatched and all(t["outcome"] == "passed" for t in tests if t["id"].startswith(d.id))
-        and any(t["outcome"] == "passed" for t in tests if t["id"].startswith(d.id))
+        if d.id not in unmatched and all(t["outcome"] == "passed" for t in tests if covers(d.id, t["id"]))
+        and any(t["outcome"] == "passed" for t in tests if covers(d.id, t["id"]))
     ]  # fmt: skip
     return {
         "format": FORMAT,

@@ -26,7 +26,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from conformance.features import Feature
+from conformance.features import HALF_VARIANTS, Feature
 from conformance.protocol import DTYPES, Capabilities
 from reflora.adapters import BASE_ADAPTER
 from reflora.weighted import FACTOR_TYPES, PRUNED_TYPES
@@ -79,12 +79,24 @@ def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     unmerge, merge_square, unmerge_square).
 
     merge_square / unmerge_square draw in_features == out_features (r still differs from both): the random,
-    asymmetric W, A, B values then catch a delta transposed only where the shapes would let it pass."""
+    asymmetric W, A, B values then catch a delta transposed only where the shapes would let it pass.
+
+    Issue 15.1: dora_merge / dora_unmerge draw a merge case with a magnitude; bfloat16 / float16 a
+    forward_backward case in that dtype; ``init:<law>`` / ``dora_init`` are ``draw_layer_init_spec``,
+    ``adapters_*`` ``draw_layer_adapters_spec``."""
     variant = feature.variant
-    adapted = variant in ("lora_bias", "dora", "dora_full_norm")  # issue 15.1: float64 / float32 only
+    if feature.method == "layer_init":
+        return draw_layer_init_spec(data, feature, caps)
+    if feature.method == "layer_adapters":
+        return draw_layer_adapters_spec(data, feature, caps)
+    # issue 15.1: float64 / float32 only
+    adapted = variant in ("lora_bias", "dora", "dora_full_norm", "dora_merge", "dora_unmerge")
     dtypes = ("float64", "float32") if adapted else DTYPES
-    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout, "dtype": _dtype(data, caps, dtypes)}
-    if variant == "qkv_slices":
+    if variant in HALF_VARIANTS:  # the dtype forced (the only draws of float16: protocol.EXTRA_DTYPES)
+        spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout, "dtype": variant}
+    else:
+        spec = {"feature": feature.id, "layout": feature.layout, "dtype": _dtype(data, caps, dtypes)}
+    if variant in ("qkv_slices", "merge_qkv_slices", "unmerge_qkv_slices"):
         width = data.draw(st.integers(2, 6), label="slice_width")  # each of q, k, v is `width` outputs
         out_f = 3 * width
         in_f = data.draw(st.integers(2, 12).filter(lambda n: n not in (width, out_f)), label="in_features")
@@ -131,6 +143,88 @@ def draw_layer_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
         spec["lora_bias" if variant == "lora_bias" else "dora"] = True
         if variant == "dora_full_norm":
             spec["dora_norm"] = "full"
+    return spec
+
+
+# layer.init.*: large enough for KS tests that tell the laws apart: A has r·in ≥ 3·160 = 480 entries, B out·r ≥ 480.
+# r ≥ 3: a std of 1/√r where the law says 1/r (ratio √r) is then always caught (measured: 200 of 200 draws at
+# r = 3, in = 160; at r = 2 only 23 %, and r = 1 hides it). in and out are at least 2× apart, in either order
+# (the smaller in INIT_IN_FEATURES, the larger in [2·smaller, INIT_MAX_FEATURES]): a fan taken on the wrong axis
+# (1/√out for 1/√in) is then off by √2 or more in scale, which the KS test catches (tests/test_layer_advanced.py)
+INIT_IN_FEATURES = (160, 200)
+INIT_MAX_FEATURES = 448
+INIT_RANKS = (3, 8)
+
+
+def draw_layer_init_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
+    """``layer.init.<law>.*`` and ``layer.dora_init.*`` (``cases.build_layer_init_case``): in and out at least 2×
+    apart, either order (the smaller in ``INIT_IN_FEATURES``, the larger up to ``INIT_MAX_FEATURES``), r in
+    ``INIT_RANKS``, alpha with a scaling ≠ 1, rsLoRA where declared, float64 or float32. ``dora_init`` uses the first declared law in sorted order (``sorted(layer_init_methods)``)."""
+    variant = feature.variant
+    law = sorted(caps.layer_init_methods)[0] if variant == "dora_init" else variant.partition(":")[2]
+    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout,
+                            "dtype": _dtype(data, caps, ("float64", "float32")), "init": law,
+                            "use_dora": variant == "dora_init"}  # fmt: skip
+    small = data.draw(st.integers(*INIT_IN_FEATURES), label="smaller_features")
+    large = data.draw(st.integers(2 * small, INIT_MAX_FEATURES), label="larger_features")
+    in_f, out_f = (small, large) if data.draw(st.booleans(), label="in_is_smaller") else (large, small)
+    r = data.draw(st.integers(*INIT_RANKS), label="r")
+    rslora = caps.rslora and data.draw(st.booleans(), label="use_rslora")
+    spec.update(in_features=in_f, out_features=out_f, r=r, use_rslora=rslora,
+                lora_alpha=_alpha(data, r, rslora, scaled=caps.lora_alpha))  # fmt: skip
+    spec["has_bias"] = feature.layout == "conv1d" or data.draw(st.booleans().map(lambda b: not b), label="has_bias")
+    spec["batch"] = data.draw(st.integers(1, 3), label="batch")
+    spec["seq_len"] = data.draw(st.integers(1, 5), label="seq_len")
+    spec["seed"] = _seed(data)
+    return spec
+
+
+def draw_layer_adapters_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
+    """``layer.adapters.*`` (``cases.build_layer_adapters_case``): two or three adapters ``a0``, ``a1``, ``a2``
+    on one non-square layer, each with its own r (≠ in, out), alpha (scaling ≠ 1) and rsLoRA where declared, the
+    scalings all different (so that a candidate that gives one adapter another's scaling, or none, fails).
+    ``adapters_active``: a permutation of two or more of them; ``adapters_disabled``: ``active = []``;
+    ``adapters_mixed_batch``: batch 3 or 4, one name per row from the adapters and ``"__base__"``, at least one
+    adapter named. float64 or float32."""
+    from hypothesis import assume
+
+    from reflora.config import LoraConfig
+
+    variant = feature.variant
+    spec: dict[str, Any] = {"feature": feature.id, "layout": feature.layout,
+                            "dtype": _dtype(data, caps, ("float64", "float32"))}  # fmt: skip
+    in_f = data.draw(st.integers(2, 12), label="in_features")
+    out_f = data.draw(st.integers(2, 12).filter(lambda n: n != in_f), label="out_features")
+    spec.update(in_features=in_f, out_features=out_f)
+    spec["has_bias"] = feature.layout == "conv1d" or data.draw(st.booleans().map(lambda b: not b), label="has_bias")
+    adapters: dict[str, dict[str, Any]] = {}
+    for i in range(data.draw(st.integers(2, 3), label="n_adapters")):
+        rslora = caps.rslora and data.draw(st.booleans(), label=f"a{i}.use_rslora")
+        r = _rank(data, {in_f, out_f}, low=2 if rslora else 1, label=f"a{i}.r")
+        alpha = _alpha(data, r, rslora, label=f"a{i}.lora_alpha", scaled=caps.lora_alpha)
+        adapters[f"a{i}"] = {"r": r, "lora_alpha": alpha, "use_rslora": rslora}
+    scalings = [LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], use_rslora=a["use_rslora"]).scaling(a["r"], a["lora_alpha"])
+                for a in adapters.values()]  # fmt: skip
+    if caps.lora_alpha:
+        assume(len({round(s, 12) for s in scalings}) == len(scalings))
+    spec["adapters"] = adapters
+    names = list(adapters)
+    if variant == "adapters_mixed_batch":
+        spec["batch"] = data.draw(st.integers(3, 4), label="batch")
+        rows = data.draw(st.lists(st.sampled_from([*names, BASE_ADAPTER]), min_size=spec["batch"],
+                                  max_size=spec["batch"]), label="adapter_names")  # fmt: skip
+        assume(any(n != BASE_ADAPTER for n in rows))
+        spec["active"], spec["adapter_names"] = None, rows
+    else:
+        spec["batch"] = data.draw(st.integers(1, 3), label="batch")
+        if variant == "adapters_disabled":
+            spec["active"] = []
+        else:
+            order = data.draw(st.permutations(names), label="active order")
+            spec["active"] = order[: data.draw(st.integers(2, len(order)), label="n_active")]
+        spec["adapter_names"] = None
+    spec["seq_len"] = data.draw(st.integers(1, 5), label="seq_len")
+    spec["seed"] = _seed(data)
     return spec
 
 
@@ -281,6 +375,55 @@ def _draw_embedding_lora(data, caps: Capabilities, gpt2: dict[str, Any], lora: d
         spec["dropout"] = "train"
 
 
+# model.modules_to_save.*: entries as PEFT matches them (a module is saved when its name ends with an entry)
+SAVED_MODULE_SPELLINGS = ("ln_f", "wpe", "ln_1", "h.0.ln_2", "mlp.c_fc", "attn.c_proj", "c_proj", "h.0.attn.c_attn",
+                          "mlp.c_proj", "transformer.h.0.mlp.c_proj")  # fmt: skip
+SAVED_HEAD_LISTS = (["lm_head"], ["lm_head", "wte"], ["wte", "lm_head"], ["transformer.wte", "lm_head"])
+
+
+def _draw_modules_to_save(data, variant: str, caps: Capabilities, gpt2: dict[str, Any], lora: dict) -> None:
+    """Fill ``lora`` in place for ``model.modules_to_save.*``. ``mts_module``: one or two Conv1D / LayerNorm /
+    wpe / ln_f entries (a saved module loses its LoRA; drawn so that some module keeps LoRA). ``mts_wte``:
+    ``wte`` (either spelling), perhaps with a module entry; ``ensure_weight_tying`` drawn when declared (PEFT:
+    a no-op for ``wte``). ``mts_lm_head``: ``lm_head`` (perhaps with ``wte``, both untied; perhaps LoRA on wte
+    with ``embedding_lora``). ``mts_tied``: a list with ``lm_head`` and ``ensure_weight_tying``. ``mts_files``
+    draws one of the untied forms, ``mts_files_tied`` a tied one."""
+    from hypothesis import assume
+
+    from reflora.config import ConfigError, GPT2Config, LoraConfig
+    from reflora.targets import plan_lora
+
+    if variant in ("mts_files", "mts_files_tied"):
+        kinds = ("mts_tied",) if variant == "mts_files_tied" else ("mts_module", "mts_wte", "mts_lm_head")
+        variant = data.draw(st.sampled_from(kinds), label="modules_to_save form")
+    modules = st.lists(st.sampled_from(SAVED_MODULE_SPELLINGS), min_size=1, max_size=2, unique=True)
+    tie = False
+    if variant == "mts_module":
+        entries = data.draw(modules, label="modules_to_save")
+    elif variant == "mts_wte":
+        entries = [data.draw(st.sampled_from(("wte", "transformer.wte")), label="modules_to_save wte")]
+        if data.draw(st.booleans(), label="with a module"):
+            entries += data.draw(modules, label="modules_to_save")
+        tie = caps.ensure_weight_tying and data.draw(st.booleans(), label="ensure_weight_tying")
+    elif variant == "mts_lm_head":
+        entries = data.draw(st.sampled_from((["lm_head"], ["lm_head", "wte"], ["wte", "lm_head"])),
+                            label="modules_to_save")  # fmt: skip
+        if caps.embedding_lora and entries == ["lm_head"] and data.draw(st.booleans(), label="LoRA on wte"):
+            lora["target_modules"] = ["wte", *lora["target_modules"]]
+    else:  # mts_tied
+        entries = list(data.draw(st.sampled_from(SAVED_HEAD_LISTS), label="modules_to_save"))
+        if data.draw(st.booleans(), label="with a module"):
+            entries += data.draw(modules, label="modules_to_save module")
+        tie = True
+    lora["modules_to_save"] = list(dict.fromkeys(entries))
+    if tie:
+        lora["ensure_weight_tying"] = True
+    try:
+        plan_lora(GPT2Config(**gpt2), LoraConfig(**lora))
+    except ConfigError:
+        assume(False)  # e.g. every LoRA target saved, or an entry that wraps a LoRA layer
+
+
 def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any]:
     """GPT-2 + LoRA for ``feature``; see ``conformance.cases.build_model_case`` for how the arrays follow."""
     variant = feature.variant
@@ -335,6 +478,8 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
                         label="trainable_token_indices")  # fmt: skip
         form = data.draw(st.sampled_from(("list", "wte", "transformer.wte")), label="trainable_token_indices form")
         lora["trainable_token_indices"] = ids if form == "list" else {form: ids}
+    if variant.startswith("mts_"):
+        _draw_modules_to_save(data, variant, caps, gpt2, lora)
     if variant == "qkv":
         lora["qkv_slices"] = data.draw(st.lists(st.sampled_from(("q", "k", "v")), min_size=1, max_size=3, unique=True),
                                        label="qkv_slices")  # fmt: skip
@@ -351,7 +496,7 @@ def draw_model_spec(data, feature: Feature, caps: Capabilities) -> dict[str, Any
     batch = data.draw(st.integers(1, 3), label="batch")
     seq_len = data.draw(st.integers(2, min(6, gpt2["n_positions"])), label="seq_len")
     spec["batch"], spec["seq_len"] = batch, seq_len
-    backward = variant not in ("adapter_save", "adapter_load", "adapter_switch")
+    backward = variant not in ("adapter_save", "adapter_load", "adapter_switch", "mts_files", "mts_files_tied")
     if backward:
         spec["objective"] = data.draw(st.sampled_from(("loss", "dlogits")), label="objective")
     if variant == "padding":
@@ -400,7 +545,7 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
     every advanced case the ci profile draws, so it is kept until the fixtures are regenerated on purpose."""
     v = feature.variant
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
-    n_layer = 2 if v.startswith("init") or v == "dora_init" else data.draw(st.integers(1, 2), label="n_layer")
+    n_layer = 2 if v.startswith(("init", "dora_init")) else data.draw(st.integers(1, 2), label="n_layer")
     spec: dict[str, Any] = {
         "feature": feature.id, "seed": seed, "dtype": "float32" if v in ("init_pissa", "init_olora", "init_orthogonal", "init_pissa_niter") else "float64",
         "gpt2": {"vocab_size": 23, "n_positions": 16, "n_embd": 16 if n_layer == 2 else 8, "n_layer": n_layer,
@@ -454,8 +599,22 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
         adapters["plain"] = _adapter_lora(data, "plain", target_modules=["c_attn"])
         adapters["dora"] = _adapter_lora(data, "dora", target_modules=["c_attn"], use_dora=True)
         spec["active"] = ["plain", "dora"]
-    elif v.startswith("init") or v == "dora_init":
-        init = {"init_true": True, "dora_init": True, "init_gaussian": "gaussian", "init_false": False,
+    elif v in ("merge_trainable_tokens", "merge_trainable_tokens_mixed", "adapters_trainable_tokens"):
+        # one adapter with trainable_token_indices (wte rows), plus a plain LoRA adapter (mixed, adapters)
+        ids = data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=4, unique=True), label="token indices")
+        adapters["t"] = _adapter_lora(data, "t", trainable_token_indices=ids)
+        if v != "merge_trainable_tokens":
+            adapters["p"] = _adapter_lora(data, "p")
+        names = list(adapters)
+        spec["active"] = data.draw(st.permutations(names), label="active order") if v.startswith("adapters") else names
+    elif v == "merge_dora_zero_row":  # merge a DoRA adapter with a zero-norm row (PEFT #2049): cases.zero_norm_row
+        adapters["d"] = _adapter_lora(data, "d", use_dora=True)
+        spec["active"] = ["d"]
+        spec["zero_norm_row"] = {"module": data.draw(st.integers(0, 7), label="zero-norm module"),
+                                 "row": data.draw(st.integers(0, 63), label="zero-norm row")}  # fmt: skip
+    elif v.startswith("init") or v in ("dora_init", "dora_init_zero_row"):
+        init = {"init_true": True, "dora_init": True, "dora_init_zero_row": True, "init_gaussian": "gaussian",
+                "init_false": False,
                 "init_pissa": "pissa", "init_olora": "olora", "init_orthogonal": "orthogonal",
                 "init_pissa_niter": "pissa_niter"}[v]  # fmt: skip
         if init == "pissa_niter":  # randomised PiSSA with K power iterations
@@ -463,8 +622,11 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
         ranks = (2, 4) if init == "orthogonal" else (2, 3, 4)  # orthogonal: even r (PEFT)
         r = data.draw(st.sampled_from(ranks), label="init.r")  # r = 1 would hide std 1/√r vs 1/r
         spec["init"] = _adapter_lora(data, "init", r=r, target_modules=list(ADAPTER_MODULES), init_lora_weights=init,
-                             use_dora=v == "dora_init")  # fmt: skip
+                             use_dora=v.startswith("dora_init"))  # fmt: skip
         spec["labels"] = False
+        if v == "dora_init_zero_row":  # a zero row of W: DoRA's magnitude there is 0 (cases.zero_weight_row)
+            spec["zero_weight_row"] = {"module": data.draw(st.integers(0, 7), label="zero-norm module"),
+                                       "row": data.draw(st.integers(0, 63), label="zero-norm row")}  # fmt: skip
     elif v.startswith("weighted"):
         spec["labels"] = False
         kind = {"weighted_linear": "linear", "weighted_svd": "svd", "weighted_coefficients": "linear"}.get(v, "cat")

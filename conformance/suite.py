@@ -29,7 +29,7 @@ from conformance.strategies import draw_advanced_spec, draw_layer_spec, draw_mod
 from conformance.tolerance import Comparison, IllConditioned
 
 NOT_SUPPORTED = "not supported: "
-MAX_REFUSED = 25  # draws a driver may refuse in a row, before any example ran, before the feature is not supported
+MAX_REFUSED = 80  # draws a driver may refuse in a row, before any example ran, before the feature is not supported
 
 
 class ConformanceFailure(AssertionError):
@@ -155,7 +155,9 @@ class Suite:
         if reason is not None:
             pytest.skip(NOT_SUPPORTED + reason)
 
-    def check(self, spec: dict[str, Any], record: TestRecord, redraw_refused: bool = False) -> None:
+    def check(self, spec: dict[str, Any], record: TestRecord, redraw_refused: bool = True) -> None:
+        """Run one drawn case. A case the driver refuses (NotSupported) is redrawn in a property test, and makes
+        the test not supported where there is nothing to redraw (``redraw_refused=False``: a golden fixture)."""
         self.isolate(record.feature)
         try:
             result = run_check(spec, self.runner.call)
@@ -194,17 +196,7 @@ class Suite:
 
         # derandomize seeds from the function's name and source: give each feature its own name (and keep the
         # source of property_test as it is: a changed text draws other cases)
-        property_test.__name__ = property_test.__qualname__ = f"check_{feature.id.replace('.', '_')}"
-        property_test.__module__ = f"conformance.features.{zlib.crc32(feature.id.encode())}"
-        settings = PROFILES[self.profile].settings(feature.level, self.max_examples)
-        try:
-            settings(given(st.data())(property_test))()
-        except Unsatisfiable:
-            if record.examples or not record.refused:
-                raise
-            pytest.skip(f"{NOT_SUPPORTED}the driver says: {record.refusal} (it refused all {record.refused} draws)")
-        if record.refused:  # shown in the JSON report's test entry
-            record.reason = f"the driver refused {record.refused} of the drawn cases: {record.refusal}"
+        run_property(property_test, feature, PROFILES[self.profile].settings(feature.level, self.max_examples), record)
 
     def run_golden(self, fixture: Path, record: TestRecord) -> None:
         from reflora.golden import read_fixture
@@ -214,7 +206,8 @@ class Suite:
             pytest.skip(problem)
         golden_spec, _ = read_fixture(fixture)
         self.require(golden_needs(golden_spec))
-        self.check({"feature": "golden.replay", "fixture": str(fixture), "dtype": golden_spec["dtype"]}, record)
+        spec = {"feature": "golden.replay", "fixture": str(fixture), "dtype": golden_spec["dtype"]}
+        self.check(spec, record, redraw_refused=False)
 
 
 def replay_prefix(candidate: str, import_root: str | None) -> str:
@@ -229,12 +222,15 @@ def replay_prefix(candidate: str, import_root: str | None) -> str:
     prefix = f"cd {shlex.quote(os.getcwd())} && "
     if import_root and Path(import_root).name not in ("site-packages", "dist-packages"):
         prefix += f"PYTHONPATH={shlex.quote(import_root)} "
-    return prefix
+    from conformance.consumers.command_layer import LAYER_CANDIDATE, replay_environment
+
+    return prefix + (replay_environment() if candidate == LAYER_CANDIDATE else "")  # a command's template
 
 
 def run_advanced_feature(suite: Suite, feature: Feature, record: TestRecord) -> None:
     """An advanced feature's property test (docs/advanced-semantics.md): as ``Suite.run_feature``, with the
-    model level's settings, no redrawing of refused cases, and ``conformance.strategies.draw_advanced_spec``."""
+    model level's settings and ``conformance.strategies.draw_advanced_spec``. Refused cases are redrawn (a
+    library whose GPT-2 adapts only some module kinds is checked on the draws it can express)."""
     suite.require(feature.needs)
     draw_spec = draw_advanced_spec
 
@@ -243,10 +239,23 @@ def run_advanced_feature(suite: Suite, feature: Feature, record: TestRecord) -> 
     def property_test(data):
         suite.check(draw_spec(data, feature), record)
 
+    run_property(property_test, feature, PROFILES[suite.profile].settings("model", suite.max_examples), record)
+
+
+def run_property(property_test, feature: Feature, settings, record: TestRecord) -> None:
+    """Run a feature's property test under ``settings``. Its seeds derandomize from the function's name and
+    source, so each feature gets its own name. A feature whose every draw the driver refused is not supported
+    (with the driver's reason); one with some refused draws records how many (the JSON report's test entry)."""
     property_test.__name__ = property_test.__qualname__ = f"check_{feature.id.replace('.', '_')}"
     property_test.__module__ = f"conformance.features.{zlib.crc32(feature.id.encode())}"
-    settings = PROFILES[suite.profile].settings("model", suite.max_examples)
-    settings(given(st.data())(property_test))()
+    try:
+        settings(given(st.data())(property_test))()
+    except Unsatisfiable:
+        if record.examples or not record.refused:
+            raise
+        pytest.skip(f"{NOT_SUPPORTED}the driver says: {record.refusal} (it refused all {record.refused} draws)")
+    if record.refused:
+        record.reason = f"the driver refused {record.refused} of the drawn cases: {record.refusal}"
 
 
 def golden_needs(spec: dict[str, Any]) -> list[str]:
@@ -261,8 +270,17 @@ def golden_needs(spec: dict[str, Any]) -> list[str]:
             NOT_SUPPORTED + "several-adapter / mixed-batch / PiSSA-OLoRA fixtures: no such protocol capability yet"
         )
     targets = lora.get("target_modules")
-    needs = ["model_level", "target_modules_regex" if isinstance(targets, str) else "target_modules_list",
-             f"dtype:{spec['dtype']}"]  # fmt: skip
+    if isinstance(targets, str):
+        selection = "target_modules_all_linear" if targets.lower() == "all-linear" else "target_modules_regex"
+    else:
+        selection = "target_modules_list"
+    needs = ["model_level", selection, f"dtype:{spec['dtype']}"]
+    if isinstance(targets, list) and any(t == "wte" or t.endswith(".wte") for t in targets):
+        needs.append("embedding_lora")  # PEFT suffix matching: "wte" or "transformer.wte"
+    if lora.get("exclude_modules"):
+        needs.append("exclude_modules")
+    if lora.get("trainable_token_indices"):
+        needs.append("trainable_tokens")
     if lora.get("use_rslora"):
         needs.append("rslora")
     if lora.get("lora_dropout", 0) > 0 and spec.get("dropout") == "train":
@@ -279,6 +297,12 @@ def golden_needs(spec: dict[str, Any]) -> list[str]:
         needs.append("padding")
     if spec.get("position_ids", "default") != "default":
         needs.append("position_ids")
+    if spec.get("scale_ops"):
+        needs.append("runtime_scaling")
+    if lora.get("modules_to_save"):
+        needs.append("modules_to_save")
+    if lora.get("ensure_weight_tying"):
+        needs.append("ensure_weight_tying")
     return needs
 
 

@@ -10,7 +10,7 @@ are re-rounded, the largest error counting) and a the candidate's result:
     bound    = FACTOR · max(measured · u_d / u_f32,  FLOOR · u_d)
     pass     ⇔ error ≤ bound  (and same shape, every value finite)
 
-u_d is the unit roundoff of the candidate's dtype (float64 2⁻⁵³, float32 2⁻²⁴, bfloat16 2⁻⁸). For float32 the
+u_d is the unit roundoff of the candidate's dtype (float64 2⁻⁵³, float32 2⁻²⁴, bfloat16 2⁻⁸, float16 2⁻¹¹). For float32 the
 bound is FACTOR times the measured float32 error of this very case; other dtypes scale the measurement by their
 unit roundoff (rounding error is linear in u to first order). FLOOR keeps a case whose float32 evaluation
 happens to be exact from getting a zero bound. FACTOR is justified by measurement in docs/conformance.md
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8}
-FACTOR = {"float64": 32.0, "float32": 12.0, "bfloat16": 8.0}  # measured: see docs/conformance.md
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+FACTOR = {"float64": 32.0, "float32": 12.0, "bfloat16": 8.0, "float16": 8.0}  # measured: see docs/conformance.md
 FLOOR = 8.0
 PLAIN_SAMPLES = 3  # plain float32 evaluations per case: the case itself and two re-rounded copies
 # A drawn float32 case in which some tensor's bound would reach this is ill-conditioned for float32 (its

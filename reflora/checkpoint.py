@@ -5,6 +5,9 @@
 * LoRA: ``adapter_model.safetensors`` + ``adapter_config.json`` as ``PeftModel.save_pretrained`` writes them.
   Keys drop the adapter name (``base_model.model.<module>.lora_A.weight``); with ``bias`` ``'all'`` or
   ``'lora_only'`` the trained biases are saved too, a targeted module's as ``<module>.base_layer.bias``.
+  A ``modules_to_save`` copy is saved under its module's own name (``base_model.model.<module>.weight``, without
+  ``modules_to_save.default``); a head tied to wte's copy (``ensure_weight_tying``) is saved twice, as
+  ``...transformer.wte.weight`` and ``...lm_head.weight``, which must agree on load.
 
 Every write goes to temporary files in the same folder (``.<name>.reflora-tmp-<pid>-<random>``), which are
 renamed into place only once all of a save's files are complete, so an interrupted save never leaves a partial
@@ -32,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from reflora.config import ConfigError, GPT2Config, LoraConfig
-from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
+from reflora.targets import ADAPTER_PREFIX, HEAD_KEY, adapter_shapes, base_shapes, plan_lora, trainable_bias_keys
 from reflora.validate import key_mismatch
 
 
@@ -326,6 +329,7 @@ def save_adapter(
     shapes = adapter_shapes(plan)
     _check_adapter_tensors(adapter, shapes, where="adapter")
     tensors = {k: adapter[k] for k in shapes}
+    tensors.update({k: adapter[v] for k, v in _tied_duplicates(plan).items()})  # PEFT saves a tied copy twice
     bias_keys = trainable_bias_keys(config, lora, plan)
     if bias_keys:
         if biases is None or any(k not in biases for k in bias_keys):
@@ -364,6 +368,13 @@ def load_adapter(
     shapes = adapter_shapes(plan)
     bias_keys = trainable_bias_keys(config, lora, plan)
     bias_file_keys = {_adapter_bias_file_key(k, set(plan)): k for k in bias_keys}
+    for duplicate, key in _tied_duplicates(plan).items():  # a tied head's copy, saved twice: both must agree
+        if duplicate not in tensors:
+            raise CheckpointError(f"{folder}: ensure_weight_tying ties lm_head to wte's copy, but the file lacks "
+                                  f"{duplicate} (PEFT saves the shared copy under both keys)")  # fmt: skip
+        if key in tensors and not np.array_equal(tensors.pop(duplicate), tensors[key]):
+            raise CheckpointError(f"{folder}: {duplicate} differs from {key}, but ensure_weight_tying makes them one "
+                                  "tensor")  # fmt: skip
     lora_tensors = {k: v for k, v in tensors.items() if k not in bias_file_keys}
     _check_adapter_tensors(lora_tensors, shapes, where=str(folder / "adapter_model.safetensors"))
     missing_bias = [k for k in bias_file_keys if k not in tensors]
@@ -373,6 +384,17 @@ def load_adapter(
     for file_key in bias_file_keys:
         _check_float(folder / "adapter_model.safetensors", file_key, tensors[file_key])
     return {k: lora_tensors[k] for k in shapes}, lora, biases
+
+
+def _tied_duplicates(plan) -> dict[str, str]:
+    """{``base_model.model.lm_head.weight``: wte's copy key} when modules_to_save ties the head to wte's copy (PEFT
+    writes the shared copy under both module names), else {}."""
+    out = {}
+    for module in plan.values():
+        for key, hf_key, _ in module.saved or ():
+            if hf_key == HEAD_KEY and key != ADAPTER_PREFIX + HEAD_KEY:
+                out[ADAPTER_PREFIX + HEAD_KEY] = key
+    return out
 
 
 def _check_adapter_tensors(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], where: str) -> None:

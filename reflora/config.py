@@ -156,10 +156,13 @@ class LoraConfig:
     lora_bias: bool = False
     exclude_modules: tuple[str, ...] | str | None = None  # targets: see _check_targets
     trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None  # see _check_tokens
+    modules_to_save: tuple[str, ...] | None = None  # see _check_saved
+    ensure_weight_tying: bool = False  # see _check_saved
 
     def __post_init__(self) -> None:
         self._check_targets()
         self._check_tokens()
+        self._check_saved()
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if isinstance(self.layers_to_transform, list):
@@ -279,14 +282,40 @@ class LoraConfig:
             out[key] = tuple(ids)
         object.__setattr__(self, "trainable_token_indices", out[None] if None in out else out)
 
+    def _check_saved(self) -> None:
+        """``modules_to_save`` (PEFT 0.21 ModulesToSaveWrapper): a list of names; a module is saved when its name
+        ends with an entry (plain ``str.endswith``, as PEFT's ``_set_trainable``). ``ensure_weight_tying``: a bool
+        (``null`` reads as false). reflora.targets resolves both against the model (``_saved_modules``)."""
+        mts = self.modules_to_save
+        if isinstance(mts, list):
+            mts = tuple(mts)
+            object.__setattr__(self, "modules_to_save", mts)
+        if mts is not None and not (isinstance(mts, tuple) and mts and all(isinstance(m, str) and m for m in mts)):
+            raise ConfigError(f"lora.modules_to_save must be a non-empty list of module names or null, got {mts!r}")
+        if mts is not None:
+            for m in mts:  # PEFT embeds each entry in a regex (saved_module_pattern): that pattern must compile
+                try:
+                    re.compile(saved_module_pattern(m))
+                except re.error as exc:
+                    raise ConfigError(
+                        f"lora.modules_to_save entry {m!r} does not give a valid regex {saved_module_pattern(m)!r} "
+                        f"({exc})"
+                    ) from None
+        if self.ensure_weight_tying is None:
+            object.__setattr__(self, "ensure_weight_tying", False)
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(f"lora.ensure_weight_tying must be true or false, got {self.ensure_weight_tying!r}")
+
     def scaling(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA (PEFT ``LoraLayer.update_layer``)."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, as JSON values (tuples become lists)."""
+        """Every field as JSON values (tuples become lists), except the newer fields of
+        ``_ADDITIVE_LORA_DEFAULTS`` at their defaults, which are left out (``from_dict`` fills them back in)."""
         out = dataclasses.asdict(self)
-        for key in ("target_modules", "layers_to_transform", "layers_pattern", "qkv_slices", "exclude_modules"):
+        for key in ("target_modules", "layers_to_transform", "layers_pattern", "qkv_slices", "exclude_modules",
+                    "modules_to_save"):  # fmt: skip
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
         tti = out["trainable_token_indices"]
@@ -350,15 +379,23 @@ _PEFT_BOOKKEEPING_FIELDS = frozenset(
 )  # fmt: skip
 # PEFT fields for features reflora does not implement, with the default value PEFT writes.
 _PEFT_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "modules_to_save": None, "megatron_config": None,
+    "megatron_config": None,
     "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None,
-    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None,
 }  # fmt: skip
 # LoraConfig fields added after the golden corpus existed: ``to_dict`` leaves them out at these defaults.
-_ADDITIVE_LORA_DEFAULTS: dict[str, Any] = {"exclude_modules": None, "trainable_token_indices": None}
+_ADDITIVE_LORA_DEFAULTS: dict[str, Any] = {"exclude_modules": None, "trainable_token_indices": None,
+                                           "modules_to_save": None, "ensure_weight_tying": False}  # fmt: skip
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND, compared case-insensitively
+
+
+def saved_module_pattern(entry: str) -> str:
+    """PEFT 0.21's regex for a ``modules_to_save`` entry m, ``(^|.*\\.){m}($|\\..*)`` with m inserted as is
+    (``check_target_module_exists``' exclusion of saved modules, ``_add_modules_to_save_to_tie``): ``re.match``-ed
+    against a module name, it matches the module named m, or ending in ``"." + m``, and the modules inside it."""
+    return rf"(^|.*\.){entry}($|\..*)"
 
 
 def is_all_linear(target_modules: Any) -> bool:
@@ -366,7 +403,7 @@ def is_all_linear(target_modules: Any) -> bool:
     return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
-_NONE_IS_DEFAULT = frozenset({"loftq_config", "use_qalora", "ensure_weight_tying"})
+_NONE_IS_DEFAULT = frozenset({"loftq_config", "use_qalora"})
 
 
 def _check_rank(name: str, value: Any) -> None:

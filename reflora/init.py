@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from reflora.config import GPT2Config
-from reflora.lora_init import draw_embedding_factors, draw_lora_bias, draw_lora_factors
+from reflora.lora_init import draw_base_like, draw_embedding_factors, draw_lora_bias, draw_lora_factors
 from reflora.targets import EMBEDDING_KIND, LoraModule, base_shapes, dropout_plan
 
 LORA_INITS = ("test", True, False, "gaussian")
@@ -19,14 +19,7 @@ LORA_INITS = ("test", True, False, "gaussian")
 def init_gpt2_params(config: GPT2Config, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
     """Every base tensor under its HF key: weights N(0, 0.02²) (HF's ``initializer_range``), LayerNorm
     weights 1 + N(0, 0.1²), all biases N(0, 0.02²)."""
-    params = {}
-    for key, shape in base_shapes(config).items():
-        if ".ln_" in key and key.endswith(".weight"):
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = 0.02 * rng.standard_normal(shape)
-        params[key] = value.astype(dtype)
-    return params
+    return {key: draw_base_like(key, shape, rng).astype(dtype) for key, shape in base_shapes(config).items()}
 
 
 def init_lora_adapter(
@@ -43,11 +36,21 @@ def init_lora_adapter(
       * Trainable tokens (``trainable_tokens_delta``): ``"test"`` draws the new rows ~ N(0, 1); PEFT's start
         (the base rows) needs the weights: reflora.lora_init.init_adapter.
       * ``False``: A ~ U(±1/√in), B ~ U(±1/√r) (``nn.Linear``'s own init), the same law as ``"test"``.
+      * ``modules_to_save`` copies: ``"test"`` draws each as ``init_gpt2_params`` draws a base tensor (so a copy
+        differs from its original); PEFT's start (a copy of the base module) is reflora.lora_init.init_adapter's.
     """
     if init not in LORA_INITS:
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
     adapter = {}
     for module in plan.values():  # the order of adapter_shapes: per branch A, B, then b_B
+        if module.saved is not None:  # modules_to_save: "test" draws the copy afresh, as init_gpt2_params draws
+            if init != "test":  # a base (PEFT copies the module: reflora.lora_init.init_adapter)
+                raise ValueError(f"{module.name}: PEFT's modules_to_save copy starts as the base module, which this "
+                                 "weight-free init does not have; use reflora.lora_init.init_adapter")  # fmt: skip
+            for key, hf_key, shape in module.saved:
+                if key not in adapter:  # a tied head shares wte's copy
+                    adapter[key] = draw_base_like(hf_key, shape, rng).astype(dtype)
+            continue
         if module.tokens_key is not None:  # trainable tokens: the new rows (PEFT's True starts them at W's rows)
             if init is True:
                 raise ValueError(f"{module.tokens_key}: PEFT starts the new rows at the base rows of wte, which this "

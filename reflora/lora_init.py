@@ -46,7 +46,7 @@ import numpy as np
 from reflora.backend import Array, namespace, to_namespace
 from reflora.config import GPT2Config, LoraConfig
 from reflora.ops.dora_linear import dora_weight_norm
-from reflora.targets import plan_lora
+from reflora.targets import EMBEDDING_MODULE, HEAD_KEY, plan_lora
 
 INIT_KINDS = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 TEST_INIT = "test"  # reflora's fixture init: every tensor random and non-trivial (B ≠ 0, m ≠ ‖V‖, b_B ≠ 0)
@@ -176,6 +176,14 @@ def draw_lora_bias(init: bool | str, r: int, n_out: int, rng: np.random.Generato
     return np.zeros((n_out,))
 
 
+def draw_base_like(key: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """One float64 tensor drawn as reflora's seeded base draws the HF tensor ``key`` (``init_gpt2_params``):
+    a LayerNorm weight (``*.ln_*.weight``) 1 + N(0, 0.1²), every other weight or bias N(0, 0.02²)."""
+    if ".ln_" in key and key.endswith(".weight"):
+        return 1.0 + 0.1 * rng.standard_normal(shape)
+    return 0.02 * rng.standard_normal(shape)
+
+
 def _cast(xp, array: np.ndarray, dtype) -> Array:
     """A float64 NumPy draw, in namespace ``xp`` and ``dtype``."""
     return xp.astype(to_namespace(xp, array), dtype)
@@ -191,8 +199,12 @@ def init_adapter(
     """Every tensor of ``lora``'s adapter, and the base params to use it with.
 
     ``init`` defaults to ``lora.init_lora_weights``; ``"test"`` (fixtures) draws A, B as under ``False`` plus
-    b_B ~ U(±1/√r) and m = ‖V‖ ⊙ U(0.5, 1.5), so that no term is trivially zero or one. Draw order: modules in
-    model order; per branch A, B, then b_B; then the module's DoRA factor. Returns ``(adapter, params')`` where
+    b_B ~ U(±1/√r) and m = ‖V‖ ⊙ U(0.5, 1.5), so that no term is trivially zero or one. A modules_to_save copy
+    starts as its module (PEFT's deepcopy; ``lm_head``'s as the tied W), or under ``"test"`` is drawn afresh
+    (``draw_base_like``). Draw order (``plan_lora``'s): the trainable-token rows, then the LoRA modules in model
+    order (per branch A, B, then b_B; then the module's DoRA factor), then the modules_to_save copies in model
+    order, each copy's tensors in ``base_shapes`` order (a tied ``lm_head`` shares wte's copy and draws nothing).
+    Returns ``(adapter, params')`` where
     ``params'`` is a new dict holding the PiSSA/OLoRA residuals (the other entries are the input's arrays).
     """
     init = lora.init_lora_weights if init is None else init
@@ -202,6 +214,17 @@ def init_adapter(
     adapter: dict[str, Array] = {}
     for name, module in plan.items():
         if _embedding_init(module, init, new_params, adapter, rng):
+            continue
+        if module.saved is not None:  # modules_to_save: PEFT deep-copies the module (lm_head: the tied wte)
+            for key, hf_key, shape in module.saved:
+                if key in adapter:  # a tied head shares wte's copy: nothing to draw
+                    continue
+                source = new_params[EMBEDDING_MODULE + ".weight" if hf_key == HEAD_KEY else hf_key]
+                xp = namespace(source)
+                if init == TEST_INIT:  # fixtures: the copy differs from the base (drawn as init_gpt2_params does)
+                    adapter[key] = _cast(xp, draw_base_like(hf_key, shape, rng), source.dtype)
+                else:
+                    adapter[key] = xp.asarray(source, copy=True)
             continue
         key = f"{name}.weight"
         weight = new_params[key]

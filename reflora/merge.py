@@ -19,7 +19,14 @@ delta does, and ``‖W'‖`` per row is ``m``, not n: n is lost in the merge, so
 
 In floating point unmerge restores W up to rounding, per entry |W_rt − W| ≤ 4·u·(|W| + |W'| + Σ_a |ΔW_a|) / |γ|
 with u the unit roundoff (1.1e-16 in float64, 6e-8 in float32); measured worst 2.2·u (tests/test_merge.py). A γ
-near 0 (DoRA factors that cancel) makes the unmerge ill-conditioned, as the formula says.
+near 0 (DoRA factors that cancel) makes the unmerge ill-conditioned, as the formula says. One exception is
+exact: a DoRA row of zero norm (n_o = 0 in the record, factor c_o = 0, merged row 0) has V_o = Wt_o + s·(B A)_o
+= 0, so unmerge restores ``Wt_o = −s·(B A)_o`` from that adapter alone, whatever γ_o is (γ_o = 0 for one DoRA
+adapter, where the formula would be 0/0).
+
+Trainable tokens (``trainable_token_indices``) merge as PEFT's ``TrainableTokensLayer.merge``: wte's rows
+``token_indices`` become the adapter's new rows (an ``index_copy``, not an addition; the tied head follows),
+disjoint indices only; the record keeps the original rows and unmerge writes them back.
 
 ``safe=True`` computes the merge, refuses it with a ``MergeError`` naming the module and adapter if any merged
 value is not finite, and leaves the input untouched either way (every function here returns new dicts).
@@ -35,7 +42,7 @@ from reflora.config import GPT2Config, LoraConfig
 from reflora.ops.dora_linear import dora_factor, dora_weight, dora_weight_norm
 from reflora.ops.linear import weight_t
 from reflora.ops.lora_linear import LoraBranchWeights, lora_delta_bias, lora_delta_weight
-from reflora.targets import LoraModule, base_shapes, plan_lora
+from reflora.targets import TOKENS_KIND, TOKENS_MODULE, LoraModule, base_shapes, plan_lora
 from reflora.validate import InputError, check_adapter
 
 __all__ = [
@@ -59,10 +66,12 @@ class MergeError(ValueError):
 
 @dataclass(frozen=True)
 class MergeRecord:
-    """What ``unmerge`` needs: the merged adapters' names, and each DoRA module's norm n (out,) at merge time."""
+    """What ``unmerge`` needs: the merged adapters' names, each DoRA module's norm n (out,) at merge time, and
+    each trainable-tokens adapter's original wte rows (K, C) (PEFT's ``trainable_tokens_original``)."""
 
     names: tuple[str, ...]
     dora_norms: dict[str, dict[str, Array]] = field(default_factory=dict)  # adapter -> module name -> n
+    token_rows: dict[str, Array] = field(default_factory=dict)  # adapter -> wte rows before the merge (K, C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +142,8 @@ def merge_adapters(
     for name in names:
         lora, tensors = adapters[name]
         for module_name, module in plan_lora(config, lora).items():
+            if module.kind == TOKENS_KIND:  # trainable tokens: below, after every delta
+                continue
             weight = params[f"{module_name}.weight"]
             branches, biases = _module_branches(module, tensors)
             if module.magnitude_key is not None:
@@ -152,7 +163,41 @@ def merge_adapters(
         if safe:
             _check_finite(key, value, deltas)
         merged[key] = value
-    return merged, MergeRecord(tuple(names), dora_norms)
+    token_rows = _merge_tokens(params, merged, config, adapters, names, safe)
+    return merged, MergeRecord(tuple(names), dora_norms, token_rows)
+
+
+def _merge_tokens(params, merged: dict[str, Array], config: GPT2Config, adapters, names: list[str], safe: bool):
+    """PEFT's ``TrainableTokensLayer.merge``: wte's rows ``token_indices`` of each trainable-tokens adapter
+    become its ``trainable_tokens_delta`` (K, C) (``index_copy``: the new rows themselves; the tied head sees
+    them too). The adapters' indices must be disjoint (PEFT: "Only disjunct token indices are currently
+    supported"). Writes ``merged["transformer.wte.weight"]``; returns {adapter: the original rows (K, C)}."""
+    owners = [(n, plan_lora(config, adapters[n][0]).get(TOKENS_MODULE)) for n in names]
+    owners = [(n, module) for n, module in owners if module is not None]
+    if not owners:
+        return {}
+    wte_lora = [n for n in names if "transformer.wte" in plan_lora(config, adapters[n][0])]
+    if wte_lora:
+        raise MergeError(f"adapters {wte_lora} put LoRA on transformer.wte while {owners[0][0]!r} has trainable "
+                         "tokens there: merging both is not defined")  # fmt: skip
+    key = "transformer.wte.weight"
+    xp = namespace(params[key])
+    wte = xp.asarray(merged[key], copy=True)  # (V, C)
+    taken: dict[int, str] = {}
+    originals = {}
+    for name, module in owners:
+        clash = [i for i in module.token_indices if i in taken]
+        if clash:
+            raise MergeError(f"adapters {taken[clash[0]]!r} and {name!r} both replace wte row {clash[0]}: PEFT "
+                             "merges only disjoint token indices")  # fmt: skip
+        taken.update(dict.fromkeys(module.token_indices, name))
+        rows = xp.asarray(module.token_indices)
+        originals[name] = xp.take(params[key], rows, axis=0)  # (K, C)
+        wte[rows, :] = adapters[name][1][module.tokens_key]
+    if safe:
+        _check_finite(key, wte, [(n, adapters[n][1][m.tokens_key]) for n, m in owners])
+    merged[key] = wte
+    return originals
 
 
 def _check_sources(params, config: GPT2Config, adapters, names: list[str]) -> None:
@@ -165,13 +210,13 @@ def _check_sources(params, config: GPT2Config, adapters, names: list[str]) -> No
         entry = adapters[name]
         if not isinstance(entry, tuple) or len(entry) != 2:
             raise MergeError(f"adapters[{name!r}] must be a (LoraConfig, tensors) pair")
-        if entry[0].trainable_token_indices is not None:
-            raise MergeError(f"adapters[{name!r}]: reflora does not merge trainable_token_indices (PEFT's "
-                             "TrainableTokens merge writes the new rows into wte and keeps the originals)")  # fmt: skip
         try:
             check_adapter(entry[1], entry[0], config, dtype, where=f"adapters[{name!r}]")
         except InputError as exc:
             raise MergeError(str(exc)) from None
+        if entry[0].modules_to_save is not None:  # PEFT's unload swaps in the copies, wte's one untying the head
+            raise MergeError(f"adapters[{name!r}]: reflora does not merge modules_to_save (PEFT's merge_and_unload "
+                             "replaces each module by its copy; a copy of wte alone leaves the head on the old W)")  # fmt: skip
 
 
 def _check_finite(key: str, value: Array, deltas: list[tuple[str, Array]]) -> None:
@@ -202,9 +247,16 @@ def unmerge_adapters(
     out = dict(merged)
     subtract: dict[str, Array] = {}  # Σ of the W-independent parts, per weight/bias key, in the stored layout
     gamma: dict[str, Array] = {}  # 1 + Σ_DoRA (c − 1), per weight key, (out,)
+    zero_rows: dict[str, list[tuple[Array, Array]]] = {}  # per weight key: (n == 0 (out,), s B A stored layout)
+    tokens = [n for n in names if adapters[n][0].trainable_token_indices is not None]
+    if tokens and (record is None or any(n not in record.token_rows for n in tokens)):
+        raise MergeError(f"unmerging the trainable tokens of {tokens} needs the MergeRecord that merge returned "
+                         "(the original wte rows are overwritten)")  # fmt: skip
     for name in names:
         lora, tensors = adapters[name]
         for module_name, module in plan_lora(config, lora).items():
+            if module.kind == TOKENS_KIND:  # restored below
+                continue
             key = f"{module_name}.weight"
             xp = namespace(merged[key])
             branches, biases = _module_branches(module, tensors)
@@ -213,8 +265,11 @@ def unmerge_adapters(
                 if n is None:
                     raise MergeError(f"the MergeRecord has no DoRA norm for adapter {name!r}, module {module_name}")
                 factor = dora_factor(tensors[module.magnitude_key], n)  # (out,) c
-                part = lora_delta_weight(branches, module.out_features) * xp.reshape(factor, (1, -1))  # c ⊙ s B A
+                delta = lora_delta_weight(branches, module.out_features)  # s B A, stored (in, out)
+                part = delta * xp.reshape(factor, (1, -1))  # c ⊙ s B A
                 gamma[key] = gamma.get(key, 1.0) + (factor - 1.0)
+                if bool(xp.any(n == 0)):
+                    zero_rows.setdefault(key, []).append((n == 0, delta))
             else:
                 part = lora_delta_weight(branches, module.out_features)
             subtract[key] = subtract[key] + part if key in subtract else part
@@ -226,8 +281,22 @@ def unmerge_adapters(
         value = merged[key] - part
         if key in gamma:
             xp = namespace(value)
-            value = value / xp.reshape(gamma[key], (1, -1))  # stored (in, out): one γ per output column
+            known = None
+            for zero, _ in zero_rows.get(key, []):
+                known = zero if known is None else known | zero
+            g = gamma[key] if known is None else xp.where(known, 1.0, gamma[key])  # known rows: set below
+            value = value / xp.reshape(g, (1, -1))  # stored (in, out): one γ per output column
+            for zero, delta in zero_rows.get(key, []):  # V_o = 0: Wt_o = −s (B A)_o exactly
+                value = xp.where(xp.reshape(zero, (1, -1)), -delta, value)
         out[key] = value
+    if tokens:  # PEFT's TrainableTokensLayer.unmerge: the original rows back (index_copy_)
+        key = "transformer.wte.weight"
+        xp = namespace(merged[key])
+        wte = xp.asarray(out[key], copy=True)
+        for name in tokens:
+            module = plan_lora(config, adapters[name][0])[TOKENS_MODULE]
+            wte[xp.asarray(module.token_indices), :] = record.token_rows[name]
+        out[key] = wte
     return out
 
 

@@ -9,6 +9,13 @@ The model is HF ``GPT2LMHeadModel`` with its own dropouts off (pre-LN blocks, ti
         x = x + mlp.c_proj(gelu(c_fc(ln_2(x))))
     logits = ln_f(x) @ wteᵀ                                   (B, T, V)
 
+``modules_to_save`` (PEFT's ModulesToSaveWrapper): each saved module computes with its trainable copy (adapter
+keys ``base_model.model.<module>.weight`` / ``.bias``) instead of its frozen original. A copy of ``wte`` feeds
+the lookup only (the head keeps W); a copy of ``lm_head`` (V, C) replaces W in the head only; tied
+(``ensure_weight_tying``) one copy of ``wte`` feeds both, and its gradient is the sum of both uses. An original
+that a copy replaces is used nowhere, so its gradient (if asked for) is 0, as is wte's when copies replace it in
+both the lookup and the head; any other gradient the backward did not compute is an error (RuntimeError).
+
 A targeted Conv1D computes ``y = x W + b + Σ_a R_a ⊙ δ_a(x)`` over the adapters a that take part (reflora.layer;
 reflora.dispatch finds them): LoRA (``s·(x_d Aᵀ Bᵀ + b_B)``, reflora.ops.lora_linear) or DoRA
 (reflora.ops.dora_linear). The inputs are checked first (reflora.validate). One adapter is ``adapter=, lora=``; several are
@@ -50,6 +57,8 @@ from reflora.ops import (
 from reflora.targets import (
     ADAPTER_PREFIX,
     EMBEDDING_MODULE,
+    HEAD_KEY,
+    SAVED_KIND,
     TOKENS_MODULE,
     adapter_shapes,
     base_shapes,
@@ -137,9 +146,12 @@ def gpt2_forward(
     if attention_mask is None:
         attention_mask = xp.ones((batch, seq_len), dtype=xp.int64)
     wte_cache, wte_lora_caches = None, []
+    params, saved = _saved_copies(params, slots)  # modules_to_save: the copies replace their modules
     wte, tokens_slot = _trainable_tokens_weight(params["transformer.wte.weight"], slots)  # W' (V, C): lookup and head
+    lookup_w = wte if tokens_slot is not None else saved["lookup_w"]  # the lookup's (V, C)
+    head_w = wte if tokens_slot is not None else saved["head_w"]  # the tied head's (V, C)
     if inputs_embeds is None:
-        tokens, wte_cache = embedding_forward(input_ids, wte)  # (B, T, C)
+        tokens, wte_cache = embedding_forward(input_ids, lookup_w)  # (B, T, C)
         tokens, wte_lora_caches = _wte_lora_forward(tokens, input_ids, slots, rows, batch, seq_len)
     else:
         tokens = inputs_embeds
@@ -165,10 +177,11 @@ def gpt2_forward(
             (ln1_cache, c_attn_cache, att_cache, c_proj_cache, ln2_cache, fc_cache, gelu_cache, mlp_proj_cache)
         )
     hf, lnf_cache = layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"], eps)
-    logits = xp.reshape(xp.matmul(hf, xp.matrix_transpose(wte)), (batch, seq_len, -1))
+    logits = xp.reshape(xp.matmul(hf, xp.matrix_transpose(head_w)), (batch, seq_len, -1))
     cache = {
         "config": config, "params": params, "slots": slots, "dora_norm_gradient": dora_norm_gradient,
-        "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache, "wte": wte,
+        "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache, "wte": head_w,
+        "saved": saved,
         "tokens_slot": tokens_slot, "shape": (batch, seq_len),
         "layers": layers, "hf": hf, "lnf_cache": lnf_cache,
     }  # fmt: skip
@@ -182,11 +195,29 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
     xp = namespace(dlogits)
     batch, seq_len = cache["shape"]
     n, c = batch * seq_len, config.n_embd
-    wanted = check_wrt(wrt, params, slots)
+    asked = check_wrt(wrt, params, slots)
     if tuple(dlogits.shape) != (batch, seq_len, config.vocab_size):
         raise InputError(f"dlogits has shape {tuple(dlogits.shape)}, expected {(batch, seq_len, config.vocab_size)}")
-    lowest = _lowest_op_needed(wanted, config.n_layer)
+    saved = cache["saved"]
+    alias = saved["alias"]  # modules_to_save: copy's adapter key -> the HF key it stands in for
+    head_key, lookup_key = saved["head"], saved["lookup"]  # who owns the head's and the lookup's (V, C)
+    wanted = {alias.get(k, k) for k in asked if k not in alias.values()}  # a replaced original is used nowhere
+    lowest = _lowest_op_needed(_lowered(wanted, head_key, lookup_key), config.n_layer)
     grads: dict[str, Array] = {}
+
+    def finish() -> dict[str, Array]:
+        out = {}
+        for key in asked:
+            if key in alias:
+                out[key] = grads[alias[key]]
+            elif key in grads and key not in alias.values():
+                out[key] = grads[key]
+            elif key in alias.values() or (key == "transformer.wte.weight" and key not in (head_key, lookup_key)):
+                out[key] = xp.zeros_like(params[key])  # replaced by a saved copy, so used nowhere: gradient 0
+            else:
+                raise RuntimeError(f"gpt2_backward computed no gradient for {key!r}, which wrt asks for and the "
+                                   "forward uses (a bug in reflora)")  # fmt: skip
+        return out
 
     def norm_backward(dy: Array, ln_cache: tuple, name: str) -> Array:
         wants = f"{name}.weight" in wanted or f"{name}.bias" in wanted  # under LoRA the norms are frozen
@@ -205,16 +236,17 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
     # tied head: logits = h_f W'ᵀ (W' = wte, or wte with the trainable token rows replaced)
     dlogits2 = xp.reshape(dlogits, (n, config.vocab_size))  # (N, V)
     tokens_key = _tokens_key(cache["tokens_slot"])
-    wte_wanted = "transformer.wte.weight" in wanted or tokens_key in wanted
-    if wte_wanted:
-        grads["transformer.wte.weight"] = xp.matmul(xp.matrix_transpose(dlogits2), cache["hf"])  # (V, C)
+    head_wanted = head_key in wanted or tokens_key in wanted
+    lookup_wanted = lookup_key in wanted or tokens_key in wanted
+    if head_wanted:
+        grads[head_key] = xp.matmul(xp.matrix_transpose(dlogits2), cache["hf"])  # (V, C)
     ln_f_position = _OPS_PER_BLOCK * config.n_layer  # ln_f sits above every block
     if lowest > ln_f_position:  # nothing below the head is wanted
-        return {key: grads[key] for key in wanted}
+        return finish()
     dhf = xp.matmul(dlogits2, cache["wte"])  # (N, C)
     dx = norm_backward(dhf, cache["lnf_cache"], "transformer.ln_f")
     if lowest == ln_f_position:
-        return {key: grads[key] for key in wanted}
+        return finish()
 
     for i in reversed(range(config.n_layer)):
         pre = f"transformer.h.{i}"
@@ -256,17 +288,18 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
             shared = cache["wpe_cache"][0].shape[0] != batch  # (1, T) positions are shared: sum the rows first
             dpos = xp.sum(dembeds, axis=0, keepdims=True) if shared else dembeds
             grads["transformer.wpe.weight"] = embedding_backward(dpos, cache["wpe_cache"])
-        if wte_wanted and cache["wte_cache"] is not None:
-            grads["transformer.wte.weight"] += embedding_backward(dembeds, cache["wte_cache"])
-        elif "transformer.wte.weight" in wanted:
-            raise InputError("the gradient of transformer.wte.weight needs input_ids, not inputs_embeds")
-    if tokens_key is not None and wte_wanted:  # dW' split: the replaced rows go to the new rows, the rest to W
+        if lookup_wanted and cache["wte_cache"] is not None:
+            d_lookup = embedding_backward(dembeds, cache["wte_cache"])  # (V, C)
+            grads[lookup_key] = grads[lookup_key] + d_lookup if lookup_key in grads else d_lookup
+        elif lookup_key in wanted:
+            raise InputError(f"the gradient of {lookup_key} needs input_ids, not inputs_embeds")
+    if tokens_key is not None and head_wanted:  # dW' split: the replaced rows go to the new rows, the rest to W
         module = cache["tokens_slot"].plan[TOKENS_MODULE]
         index = xp.asarray(module.token_indices)
         d_wte = grads["transformer.wte.weight"]
         grads[tokens_key] = xp.take(d_wte, index, axis=0)  # (K, C)
         d_wte[index, :] = 0  # W's replaced rows reach neither the lookup nor the head
-    return {key: grads[key] for key in wanted}
+    return finish()
 
 
 def gpt2_loss_and_grads(
@@ -317,18 +350,72 @@ def adapter_trainable_keys(
 def _trainable_tokens_weight(wte: Array, slots) -> tuple[Array, Any]:
     """PEFT ``trainable_token_indices``: W' (V, C) = wte with rows ``token_indices`` replaced by the adapter's
     ``trainable_tokens_delta`` (K, C) (the new rows themselves), used by the lookup *and* the tied head; and the
-    slot that holds them (None: W' = wte). One adapter only (``adapter=``): several are refused."""
+    slot that holds them (None: W' = wte). Several adapters active on every row: at most one of them may have
+    trainable tokens (PEFT 0.21's ``TrainableTokensWrapper.check_set_adapter`` raises "Only one adapter can be
+    set at a time" otherwise); the others' LoRA adds as usual, except LoRA on ``wte``, refused (PEFT's
+    ``add_adapter`` raises on LoRA over the TrainableTokensWrapper). A mixed batch (``adapter_names``) with
+    trainable tokens is refused."""
     owners = [slot for slot in slots if TOKENS_MODULE in slot.plan]
     if not owners:
         return wte, None
-    if len(slots) > 1 or owners[0].rows is not None:
-        raise InputError("trainable_token_indices is supported with one adapter (adapter=, lora=) only")
+    if any(slot.rows is not None for slot in owners):
+        raise InputError("trainable_token_indices in a mixed batch (adapter_names) is not supported")
+    if len(owners) > 1:
+        raise InputError(f"{len(owners)} active adapters have trainable_token_indices; at most one may be active "
+                         "(PEFT: 'Only one adapter can be set at a time')")  # fmt: skip
     (slot,) = owners
+    embedding = [other.name for other in slots if EMBEDDING_MODULE in other.plan]
+    if embedding:
+        raise InputError(f"adapter {slot.name!r} has trainable_token_indices and adapter {embedding[0]!r} has LoRA on "
+                         f"{EMBEDDING_MODULE}; they cannot be active together (PEFT 0.21 refuses to build this: "
+                         "'Target module TrainableTokensWrapper(...) is not supported')")  # fmt: skip
     module = slot.plan[TOKENS_MODULE]
     xp = namespace(wte)
     out = xp.asarray(wte, copy=True)
     out[xp.asarray(module.token_indices), :] = slot.tensors[module.tokens_key]
     return out, slot
+
+
+def _saved_copies(params: Mapping[str, Array], slots) -> tuple[Mapping[str, Array], dict[str, Any]]:
+    """PEFT ``modules_to_save``: ``(params', saved)``. params' = params with each saved module's tensors replaced
+    by its copy's (adapter keys ``base_model.model.<module>.weight`` / ``.bias``), except ``wte``: ``saved`` holds
+    ``lookup_w`` (V, C) (``transformer.wte``'s copy, or the base W) for the lookup and ``head_w`` (V, C)
+    (``lm_head``'s copy, wte's copy when tied, or the base W) for the tied head, which key owns each one's
+    gradient (``lookup``, ``head``), and ``alias`` {copy's adapter key: HF key} for the other saved tensors.
+    One adapter only (``adapter=``): several are refused."""
+    wte = params["transformer.wte.weight"]
+    saved = {"lookup_w": wte, "head_w": wte, "lookup": "transformer.wte.weight", "head": "transformer.wte.weight",
+             "alias": {}}  # fmt: skip
+    owners = [slot for slot in slots if any(m.kind == SAVED_KIND for m in slot.plan.values())]
+    if not owners:
+        return params, saved
+    if len(slots) > 1 or owners[0].rows is not None:
+        raise InputError("modules_to_save is supported with one adapter (adapter=, lora=) only")
+    (slot,) = owners
+    out = dict(params)
+    for module in slot.plan.values():
+        for key, hf_key, _ in module.saved or ():
+            grad_key = slot.key_prefix + key  # qualified "<name>:<key>" with adapters=
+            if hf_key == "transformer.wte.weight":
+                saved["lookup_w"], saved["lookup"] = slot.tensors[key], grad_key
+            elif hf_key == HEAD_KEY:
+                saved["head_w"], saved["head"] = slot.tensors[key], grad_key
+            else:
+                out[hf_key] = slot.tensors[key]
+                saved["alias"][grad_key] = hf_key
+    return out, saved
+
+
+def _lowered(wanted: set[str], head_key: str, lookup_key: str) -> set[str]:
+    """``wanted`` as ``_lowest_op_needed`` reads it: the lookup's owner is ``wte`` (the embeddings), the head's
+    owner alone needs nothing below the head."""
+    out = set()
+    for key in wanted:
+        if key == lookup_key:
+            out.add("transformer.wte.weight")
+        elif key != head_key:
+            out.add(key)
+    return out
 
 
 def _tokens_key(slot) -> str | None:

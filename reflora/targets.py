@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reflora.config import ConfigError, GPT2Config, LoraConfig, is_all_linear
+from reflora.config import ConfigError, GPT2Config, LoraConfig, is_all_linear, saved_module_pattern
 
 ADAPTER_PREFIX = "base_model.model."
 LORA_MODULE_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -61,6 +62,7 @@ class LoraModule:
     magnitude_key: str | None = None  # use_dora: adapter key of the magnitude m, shape (out_features,)
     token_indices: tuple[int, ...] | None = None  # trainable tokens (kind "tokens"): the replaced rows of wte
     tokens_key: str | None = None  # trainable tokens: adapter key of the new rows, shape (len(token_indices), C)
+    saved: tuple[tuple[str, str, tuple[int, ...]], ...] | None = None  # modules_to_save: (adapter key, HF key, shape)
 
 
 def module_names(config: GPT2Config) -> list[str]:
@@ -113,9 +115,18 @@ def layer_index_match(layers_pattern, name: str) -> re.Match | None:
     return None
 
 
-def _target_matches(lora: LoraConfig, name: str, linear: frozenset[str] = frozenset()) -> bool:
+def _target_matches(
+    lora: LoraConfig, name: str, linear: frozenset[str] = frozenset(), saved: Sequence[str] = ()
+) -> bool:
+    """PEFT 0.21 ``check_target_module_exists`` for one module name: False when ``exclude_modules`` excludes it
+    or a ``saved`` entry m (modules_to_save after tying) matches it (``re.match(saved_module_pattern(m))``);
+    else ``"all-linear"``: ``name`` in ``linear`` (``linear_module_names``); a regex: fullmatch; a list: equal
+    to an entry (no layer filter), or ending in ``"." + entry`` and, with ``layers_to_transform``, in a listed
+    layer (``layer_index_match``). ``target_modules=None`` reads as ``["c_attn"]``."""
     targets = lora.target_modules if lora.target_modules is not None else ("c_attn",)
     if excluded(lora, name):
+        return False
+    if any(re.match(saved_module_pattern(m), name) for m in saved):  # PEFT: a saved module never gets LoRA
         return False
     if is_all_linear(targets):  # PEFT replaces the shorthand by the set of full names: exact matches
         return name in linear
@@ -160,7 +171,17 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
         if missing:
             raise ConfigError(f"lora.layers_to_transform names layers {missing}, but gpt2.n_layer is {config.n_layer}")
     linear = frozenset(linear_module_names(config))
-    matched = [n for n in module_names(config) if _target_matches(lora, n, linear)]
+    saved_entries, tied = saved_entries_after_tying(lora)
+    if lora.ensure_weight_tying and not tied and _embedding_in_targets(lora):
+        raise ConfigError("lora.ensure_weight_tying=true with 'lm_head' / 'embed_tokens' among lora.target_modules is "
+                          "PEFT's tied LoRA on the head (_add_targets_to_tie), which reflora does not implement")  # fmt: skip
+    matched = [n for n in module_names(config) if _target_matches(lora, n, linear, saved_entries)]
+    if not matched and saved_entries and any(_target_matches(lora, n, linear) for n in module_names(config)):
+        raise ConfigError(
+            f"lora.modules_to_save={_show(lora.modules_to_save)} covers every module that "
+            f"lora.target_modules={_show(lora.target_modules)} matches, so no module gets LoRA (PEFT: 'No modules "
+            "were targeted for adaptation ... only targeted modules that are marked to be saved')"
+        )
     if not matched:
         if lora.exclude_modules and any(_target_matches(dataclasses.replace(lora, exclude_modules=None), n, linear)
                                         for n in module_names(config)):  # fmt: skip
@@ -209,6 +230,7 @@ def plan_lora(config: GPT2Config, lora: LoraConfig) -> dict[str, LoraModule]:
         plan[name] = LoraModule(
             name, layer, kind, in_f, out_f, r, alpha, lora.scaling(r, alpha), branches, magnitude_key
         )
+    plan.update(_saved_modules(config, lora, plan, saved_entries, tied))
     return plan
 
 
@@ -264,14 +286,123 @@ def _tokens_module(config: GPT2Config, lora: LoraConfig) -> LoraModule | None:
     return LoraModule(TOKENS_MODULE, -1, TOKENS_KIND, config.vocab_size, c, 0, 0.0, 0.0, (), None, tuple(ids), key)
 
 
+SAVED_KIND = "saved"  # modules_to_save: plan key "<module>.modules_to_save" (PEFT's ModulesToSaveWrapper child)
+SAVED_SUFFIX = ".modules_to_save"
+HEAD_MODULE = "lm_head"  # GPT-2's output Linear, tied to transformer.wte
+HEAD_KEY = "lm_head.weight"  # the head's weight in a modules_to_save pair (reflora's params omit it: it is wte's)
+# modules reflora can save: the leaf modules of GPT-2 that hold parameters
+_SAVABLE_KINDS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT 0.21 utils.constants.EMBEDDING_LAYER_NAMES
+_LORA_INTERNALS = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                   "lora_magnitude_vector", "token_adapter", "default")  # fmt: skip
+
+
+def saved_entries_after_tying(lora: LoraConfig) -> tuple[list[str], bool]:
+    """PEFT 0.21 ``BaseTuner._check_tied_modules`` + ``LoraModel._add_modules_to_save_to_tie`` on GPT-2 (whose
+    ``lm_head`` is tied to ``transformer.wte``): ``(entries, tied)``. Without ``ensure_weight_tying``, or when no
+    entry's last component is ``embed_tokens`` / ``lm_head`` (so ``["wte"]`` does *not* count), the entries are
+    ``modules_to_save`` as given and ``tied`` is False. Otherwise PEFT rewrites the list: it appends
+    ``"transformer.wte"`` (if absent) and, for its one tied module name ``"lm_head"``, removes the *first* entry m
+    that matches it (``re.match(saved_module_pattern(m), "lm_head")``, then ``break``: a later matching entry
+    stays, and ``_saved_modules`` refuses it), and ``lm_head`` is wrapped with the embedding's copy: tied."""
+    entries = list(lora.modules_to_save or [])
+    if not lora.ensure_weight_tying or not any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in entries):
+        return entries, False
+    if EMBEDDING_MODULE not in entries:
+        entries.append(EMBEDDING_MODULE)
+    for m in entries:  # PEFT's loop over its one tied module name, "lm_head": the first match only
+        if re.match(saved_module_pattern(m), HEAD_MODULE):
+            entries.remove(m)
+            break
+    return entries, True
+
+
+def _embedding_in_targets(lora: LoraConfig) -> bool:
+    """PEFT 0.21 ``_check_tied_modules``' ``is_embedding_in_target``: a list entry whose last component is
+    ``embed_tokens`` / ``lm_head``, or a regex that fullmatches one of those bare names."""
+    tm = lora.target_modules
+    if isinstance(tm, str):
+        return any(re.fullmatch(tm, m) for m in _EMBEDDING_LAYER_NAMES)
+    return any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in tm or ())
+
+
+def _saved_modules(
+    config: GPT2Config, lora: LoraConfig, plan: dict[str, LoraModule], entries: list[str], tied: bool
+) -> dict[str, LoraModule]:
+    """PEFT 0.21 ``modules_to_save`` on GPT-2: every module whose name *ends with* an entry (plain ``endswith``,
+    ``_set_trainable``) gets a trainable copy that replaces it in the forward; the original is frozen. A plan entry
+    ``"<module>.modules_to_save"`` (kind ``"saved"``) lists the copy's tensors as (adapter key, HF key) pairs; the
+    adapter key is PEFT's file key ``base_model.model.<module>.weight`` / ``.bias``. ``transformer.wte``'s copy
+    feeds the lookup only (the tied head keeps the base W); ``lm_head``'s copy (V, C) feeds the head only; with
+    ``tied`` (``ensure_weight_tying``, see ``saved_entries_after_tying``) ``lm_head``'s entry names wte's copy,
+    one tensor for both. reflora refuses what PEFT does silently or oddly: an entry that matches no module, a
+    module without parameters or with sub-modules, an entry that would wrap a LoRA layer or its internals,
+    ``bias='all'``, trainable tokens together with a saved ``wte`` / ``lm_head``."""
+    if not entries:
+        return {}
+    raw = list(lora.modules_to_save or ())
+    internals = [f"{m}.{x}" for m in plan if m not in (TOKENS_MODULE,) for x in _LORA_INTERNALS]
+    internals += [f"{m}.{x}.default" for m in plan for x in _LORA_INTERNALS[1:4]]
+    if TOKENS_MODULE in plan:
+        internals += [TOKENS_MODULE, f"{TOKENS_MODULE}.base_layer"]
+    for m in entries:
+        inside = [n for n in internals if n.endswith(m)]
+        if inside:
+            raise ConfigError(f"lora.modules_to_save entry {m!r} matches {inside[0]!r}, a part of PEFT's own adapter "
+                              "layers, not a module of GPT-2")  # fmt: skip
+    names = module_names(config)
+    saved = [n for n in names if any(n.endswith(m) for m in entries)]
+    if tied and HEAD_MODULE in saved:  # e.g. "head": PEFT's rewrite keeps it, then wraps lm_head untied first
+        raise ConfigError(f"lora.modules_to_save={_show(lora.modules_to_save)} with ensure_weight_tying: an entry that "
+                          "PEFT's rewrite keeps still matches lm_head, so PEFT gives the head its own untied copy")  # fmt: skip
+    if tied:
+        saved.append(HEAD_MODULE)
+    for m in raw:  # PEFT ignores an entry that matches nothing; reflora refuses it
+        if not any(n.endswith(m) for n in names):
+            raise ConfigError(f"lora.modules_to_save entry {m!r} matches no module of this GPT-2 (a module is saved "
+                              "when its name ends with an entry, e.g. 'wte', 'lm_head', 'ln_f', 'h.0.mlp.c_fc')")  # fmt: skip
+    if lora.bias == "all":
+        raise ConfigError("lora.bias='all' cannot be combined with lora.modules_to_save in reflora (PEFT then trains "
+                          "the saved copy's bias and saves the frozen original's too, under ...original_module.bias)")  # fmt: skip
+    out: dict[str, LoraModule] = {}
+    base = base_shapes(config)
+    for name in saved:
+        if name in plan:
+            raise ConfigError(f"lora.modules_to_save saves {name!r}, which lora.target_modules also adapts with LoRA "
+                              "(PEFT's exclusion regex misses this entry; PEFT: 'modules_to_save cannot be applied "
+                              "to modules of type ...lora.layer.Linear')")  # fmt: skip
+        if name in (EMBEDDING_MODULE, HEAD_MODULE) and TOKENS_MODULE in plan:
+            raise ConfigError(f"lora.modules_to_save saves {name!r}, which lora.trainable_token_indices adapts too "
+                              "(PEFT: 'The embedding layer is already marked to be trained fully')")  # fmt: skip
+        parts = name.split(".")
+        leaf = name in (EMBEDDING_MODULE, "transformer.wpe", "transformer.ln_f", HEAD_MODULE) or (
+            len(parts) >= 4 and ".".join(parts[3:]) in _SAVABLE_KINDS
+        )
+        if not leaf:
+            has_params = any(k.startswith(name + ".") for k in base)
+            why = "holds sub-modules" if has_params else "has no parameters"
+            raise ConfigError(f"lora.modules_to_save matches {name!r}, which {why}; reflora saves the GPT-2 modules "
+                              "that hold weights themselves (wte, wpe, ln_1, c_attn, c_proj, ln_2, c_fc, ln_f, lm_head)")  # fmt: skip
+        if name == HEAD_MODULE:
+            key = ADAPTER_PREFIX + (f"{EMBEDDING_MODULE}.weight" if tied else HEAD_KEY)
+            pairs = ((key, HEAD_KEY, (config.vocab_size, config.n_embd)),)
+        else:
+            pairs = tuple((ADAPTER_PREFIX + k, k, shape) for k, shape in base.items() if k.rpartition(".")[0] == name)
+        layer = int(parts[2]) if len(parts) >= 4 else -1
+        out[name + SAVED_SUFFIX] = LoraModule(name, layer, SAVED_KIND, 0, 0, 0, 0.0, 0.0, (), saved=pairs)
+    return out
+
+
 def dropout_plan(plan: dict[str, LoraModule]) -> dict[str, LoraModule]:
-    """The modules of ``plan`` whose LoRA input is dropped out: all but ``wte`` (PEFT's Embedding has none)."""
-    return {name: module for name, module in plan.items() if module.kind not in (EMBEDDING_KIND, TOKENS_KIND)}
+    """The modules of ``plan`` whose LoRA input is dropped out: all but ``wte`` (PEFT's Embedding has none) and the
+    saved copies (modules_to_save, no LoRA)."""
+    return {name: m for name, m in plan.items() if m.kind not in (EMBEDDING_KIND, TOKENS_KIND, SAVED_KIND)}
 
 
 def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, ...]]:
     """Adapter key -> shape, in model order: A is (r, in), B is (out of its slice, r); with ``lora_bias`` B's
-    bias is (out of its slice,); with ``use_dora`` the module's magnitude is (out,)."""
+    bias is (out of its slice,); with ``use_dora`` the module's magnitude is (out,); a modules_to_save copy's
+    tensors have their base tensor's shapes (``lm_head``'s (V, C))."""
     shapes: dict[str, tuple[int, ...]] = {}
     for module in plan.values():
         for branch in module.branches:
@@ -283,6 +414,8 @@ def adapter_shapes(plan: dict[str, LoraModule]) -> dict[str, tuple[int, ...]]:
             shapes[module.magnitude_key] = (module.out_features,)
         if module.tokens_key is not None:
             shapes[module.tokens_key] = (len(module.token_indices), module.out_features)
+        for key, _, shape in module.saved or ():  # modules_to_save: the copy's tensors (a tied head shares wte's)
+            shapes[key] = shape
     return shapes
 
 

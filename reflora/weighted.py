@@ -18,11 +18,20 @@ has scaling exactly 1 (see "Scaling" below) and, on every module that some sourc
   the agreeing sources). ``ties_svd`` / ``magnitude_prune_svd``: the same on ΔWt_i with coefficients w_i,
   then the SVD as for ``svd``.
 
+* ``dare_linear`` / ``dare_ties`` (equal ranks) and ``dare_linear_svd`` / ``dare_ties_svd``: as
+  ``magnitude_prune`` / ``ties`` (and their ``_svd`` forms), but each task tensor is pruned at random and
+  rescaled, P_i = T_i ⊙ M_i / density (PEFT's ``random_pruning``: M_i = ``torch.bernoulli(density)``, one
+  draw per task tensor). The keep-masks M_i are inputs (``keep_masks``, 1.0 kept / 0.0 dropped, as for
+  dropout): their keys, shapes and PEFT's draw order are ``dare_mask_shapes``. density ≥ 1 prunes nothing and
+  does not rescale (PEFT returns the tensor unchanged and draws no mask); density must be > 0 (PEFT divides
+  by it: NaN at 0).
+
 One source is always ``linear`` (as in PEFT; exact then). ``lora_bias`` (reflora; PEFT drops the biases):
-b_B = Σ_i w_i s_i b_i on every combination type, exact. Not covered: PEFT's ``dare_linear``, ``dare_ties`` and
-their ``*_svd`` forms (random masks), and ``svd_clamp``; asking for them is an error. DoRA sources are refused: a combination of DoRA adapters is not a
-LoRA adapter (each one's factor c_i depends on its own V_i), and PEFT silently builds a DoRA adapter whose
-magnitude is the base norm, not a combination.
+b_B = Σ_i w_i s_i b_i on every combination type, exact. Not covered: ``svd_clamp``. DoRA sources are refused: a
+combination of DoRA adapters is not a LoRA adapter (each one's factor c_i depends on its own V_i), and PEFT
+silently builds a DoRA adapter whose magnitude is the base norm, not a combination. Sources with
+``modules_to_save`` or ``trainable_token_indices`` are refused too (a full copy of a module, new rows of wte:
+not low-rank deltas), and so are sources with different ``qkv_slices``.
 
 Scaling. The new config is the first source's with ``r = r_new`` and ``rank_pattern = alpha_pattern = {}``, as
 in PEFT, and with ``lora_alpha`` chosen so that the scaling is exactly 1: ``lora_alpha = r_new`` (α/r = 1), or
@@ -45,13 +54,14 @@ from collections.abc import Mapping, Sequence
 
 from reflora.backend import Array, namespace
 from reflora.config import ConfigError, GPT2Config, LoraConfig
-from reflora.targets import LoraModule, plan_lora
+from reflora.targets import LoraModule, module_names, plan_lora
 from reflora.validate import check_adapter
 
-COMBINATION_TYPES = ("cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd")
-NOT_COVERED = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
-PRUNED_TYPES = ("ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd")  # need ``density``
-FACTOR_TYPES = ("linear", "ties", "magnitude_prune")  # combine A_i and B_i separately: equal ranks
+DARE_TYPES = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # random pruning: need keep_masks
+COMBINATION_TYPES = ("cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd", *DARE_TYPES)
+PRUNED_TYPES = ("ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd", *DARE_TYPES)  # need ``density``
+# combine A_i and B_i separately: equal ranks
+FACTOR_TYPES = ("linear", "ties", "magnitude_prune", "dare_linear", "dare_ties")
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 
 
@@ -103,13 +113,12 @@ def add_weighted_adapter(
     svd_rank: int | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
+    keep_masks: Mapping[str, Sequence[Array]] | None = None,
 ) -> tuple[LoraConfig, dict[str, Array]]:
     """``(config, tensors)`` of the combination of ``adapters[names[i]]`` with ``weights[i]`` (module docstring);
-    ``density`` (0 ≤ density, ≥ 1 keeps everything) and ``majority_sign_method`` are the pruning types' own."""
-    if combination_type in NOT_COVERED:
-        raise ValueError(
-            f"combination_type={combination_type!r} is not covered by the reference; use {COMBINATION_TYPES}"
-        )
+    ``density`` (0 ≤ density, ≥ 1 keeps everything; DARE: 0 < density) and ``majority_sign_method`` are the
+    pruning types' own. ``keep_masks`` (DARE types with density < 1 only): mask key -> one keep-mask per source
+    that targets the module, in ``names`` order, each of the task tensor's shape (``dare_mask_shapes``)."""
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
     names = list(names)
@@ -127,13 +136,21 @@ def add_weighted_adapter(
     dora = [n for n, s in zip(names, sources) if s.use_dora]
     if dora:
         raise ValueError(f"adapters {dora} use DoRA: a weighted combination of DoRA adapters is not a LoRA adapter")
-    if len({s.qkv_slices for s in sources}) > 1:
-        raise ValueError("the adapters have different qkv_slices; their branches cannot be combined")
+    _check_same_slices(names, sources)
+    saving = [n for n, s in zip(names, sources, strict=True) if s.modules_to_save is not None]
+    if saving:  # a modules_to_save copy is a full module, not a low-rank delta to combine
+        raise ValueError(f"adapters {saving} use modules_to_save: reflora does not combine their copies")
+    tokens = [n for n, s in zip(names, sources, strict=True) if s.trainable_token_indices is not None]
+    if tokens:  # the new rows replace wte's rows: not a low-rank delta to combine
+        raise ValueError(f"adapters {tokens} use trainable_token_indices: reflora does not combine their new rows")
     if len(names) == 1:
         combination_type = "linear"  # PEFT: a single adapter is always combined linearly (exact)
     if combination_type in PRUNED_TYPES:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not density >= 0:
             raise ValueError(f"combination_type={combination_type!r} needs density >= 0, got {density!r}")
+        if combination_type in DARE_TYPES and density == 0:
+            raise ValueError(f"combination_type={combination_type!r} needs density > 0: DARE rescales by "
+                             "1/density (PEFT's random_pruning divides by it and returns NaN at 0)")  # fmt: skip
         if majority_sign_method not in MAJORITY_SIGN_METHODS:
             raise ValueError(
                 f"majority_sign_method must be one of {MAJORITY_SIGN_METHODS}, got {majority_sign_method!r}"
@@ -146,16 +163,26 @@ def add_weighted_adapter(
     new_rank = combined_rank(combination_type, sources, svd_rank)
     new = combined_config(sources, config, new_rank)
     plans = [plan_lora(config, s) for s in sources]
+    masks = _checked_masks(config, sources, combination_type, density, keep_masks)
     tensors: dict[str, Array] = {}
     for module_name, module in plan_lora(config, new).items():
         parts = [(w, p[module_name], adapters[n][1]) for n, w, p in zip(names, weights, plans) if module_name in p]
         for index, branch in enumerate(module.branches):
             srcs = [(w, m.scaling, t[m.branches[index].a_key], t[m.branches[index].b_key]) for w, m, t in parts]
-            A, B = _combine(combination_type, srcs, new_rank, module_name, density, majority_sign_method)
+            branch_masks = [masks.get(k) for k in mask_keys(combination_type, module, index)] if masks else None
+            A, B = _combine(combination_type, srcs, new_rank, module_name, density, majority_sign_method,
+                            branch_masks)  # fmt: skip
             tensors[branch.a_key], tensors[branch.b_key] = A, B
             if branch.bias_key is not None:
                 tensors[branch.bias_key] = _combined_bias(parts, index, branch.out_stop - branch.out_start, A)
     return new, tensors
+
+
+def _check_same_slices(names: Sequence[str], sources: Sequence[LoraConfig]) -> None:
+    """Refuse sources whose ``qkv_slices`` differ: their c_attn branches do not correspond one to one."""
+    if len({s.qkv_slices for s in sources}) > 1:
+        slices = {n: list(s.qkv_slices) if s.qkv_slices else None for n, s in zip(names, sources, strict=True)}
+        raise ValueError(f"the adapters have different qkv_slices {slices}; their branches cannot be combined")
 
 
 def _combine(
@@ -165,21 +192,25 @@ def _combine(
     where: str,
     density: float | None = None,
     sign_method: str = "total",
+    masks: list | None = None,
 ) -> tuple[Array, Array]:
-    """A (rank, in), B (out, rank) of one branch from [(w, s, A_i, B_i)]."""
+    """A (rank, in), B (out, rank) of one branch from [(w, s, A_i, B_i)]; ``masks`` (DARE, density < 1): the
+    keep-masks [of the A_i, of the B_i] (factor types) or [of the s_i B_i A_i] (``_svd`` types)."""
     xp = namespace(*(a for _, _, a, _ in srcs))
     in_f, out_f, dtype = srcs[0][2].shape[1], srcs[0][3].shape[0], srcs[0][2].dtype
-    if kind in ("ties", "magnitude_prune"):
+    if kind in ("ties", "magnitude_prune", "dare_linear", "dare_ties"):
         ranks = {a.shape[0] for _, _, a, _ in srcs}
         if len(ranks) != 1:
             raise ValueError(f"combination_type={kind!r} needs equal ranks on {where}, got {sorted(ranks)}")
+        a_masks, b_masks = masks if masks else (None, None)
         signed = [math.copysign(math.sqrt(abs(w * s)), w * s) for w, s, _, _ in srcs]
-        A = _task_merge(kind, [a for _, _, a, _ in srcs], signed, density, sign_method)
+        A = _task_merge(kind, [a for _, _, a, _ in srcs], signed, density, sign_method, a_masks)
         B = _task_merge(kind, [b for _, _, _, b in srcs], [math.sqrt(abs(w * s)) for w, s, _, _ in srcs], density,
-                        sign_method)  # fmt: skip
-    elif kind in ("ties_svd", "magnitude_prune_svd"):
+                        sign_method, b_masks)  # fmt: skip
+    elif kind in ("ties_svd", "magnitude_prune_svd", "dare_linear_svd", "dare_ties_svd"):
         deltas = [s * xp.matmul(b, a) for _, s, a, b in srcs]  # s_i B_i A_i (out, in)
-        delta = _task_merge(kind.removesuffix("_svd"), deltas, [w for w, _, _, _ in srcs], density, sign_method)
+        delta = _task_merge(kind.removesuffix("_svd"), deltas, [w for w, _, _, _ in srcs], density, sign_method,
+                            masks[0] if masks else None)  # fmt: skip
         U, S, Vh = xp.linalg.svd(delta, full_matrices=False)
         B = U[:, :rank] * xp.reshape(S[:rank], (1, -1))
         A = Vh[:rank, :]
@@ -231,20 +262,28 @@ def magnitude_mask(task: Array, density: float) -> Array:
     return xp.reshape(xp.astype(position < k, task.dtype), task.shape)
 
 
-def _task_merge(kind: str, tasks: list[Array], weights: list[float], density: float, sign_method: str) -> Array:
+def _task_merge(
+    kind: str, tasks: list[Array], weights: list[float], density: float, sign_method: str, masks: list | None = None
+) -> Array:
     """PEFT's ``merge_utils`` on task tensors T_i (all one shape) with weights c_i:
 
-    * prune: P_i = T_i ⊙ M_i, M_i = ``magnitude_mask(T_i, density)`` (on the unweighted T_i);
-    * ``magnitude_prune``: Σ_i c_i P_i;
-    * ``ties``: elect a sign per entry from the pruned, unweighted P_i: σ = +1 where Σ_i P_i ≥ 0 (``"total"``)
-      or Σ_i sign(P_i) ≥ 0 (``"frequency"``), else −1; keep K_i = [sign(P_i) = σ] (a pruned or zero entry is
-      never kept); result Σ_i c_i P_i K_i / max(1, Σ_i K_i) (the disjoint mean; the weights are not normalised).
+    * prune: P_i = T_i ⊙ M_i, M_i = ``magnitude_mask(T_i, density)`` (on the unweighted T_i); DARE
+      (``dare_*``): P_i = T_i ⊙ M_i / density with the given keep-masks ``masks[i]`` (density ≥ 1: P_i = T_i);
+    * ``magnitude_prune`` / ``dare_linear``: Σ_i c_i P_i;
+    * ``ties`` / ``dare_ties``: elect a sign per entry from the pruned, unweighted P_i: σ = +1 where Σ_i P_i ≥ 0
+      (``"total"``) or Σ_i sign(P_i) ≥ 0 (``"frequency"``), else −1; keep K_i = [sign(P_i) = σ] (a pruned or
+      zero entry is never kept); result Σ_i c_i P_i K_i / max(1, Σ_i K_i) (the disjoint mean; the weights are
+      not normalised).
     """
     xp = namespace(*tasks)
-    pruned = xp.stack([t * magnitude_mask(t, density) for t in tasks], axis=0)  # (K, ...)
+    if kind.startswith("dare"):
+        kept = tasks if density >= 1 else [t * xp.astype(m, t.dtype) / density for t, m in zip(tasks, masks)]
+        pruned = xp.stack(kept, axis=0)  # (K, ...)
+    else:
+        pruned = xp.stack([t * magnitude_mask(t, density) for t in tasks], axis=0)  # (K, ...)
     coeffs = xp.reshape(xp.asarray(weights, dtype=pruned.dtype), (len(weights),) + (1,) * (pruned.ndim - 1))
     weighted = pruned * coeffs
-    if kind == "magnitude_prune":
+    if kind in ("magnitude_prune", "dare_linear"):
         return xp.sum(weighted, axis=0)
     sign = xp.sign(pruned)
     votes = xp.sum(pruned if sign_method == "total" else sign, axis=0)
@@ -252,3 +291,84 @@ def _task_merge(kind: str, tasks: list[Array], weights: list[float], density: fl
     keep = xp.astype(sign == majority, pruned.dtype)
     count = xp.sum(keep, axis=0)
     return xp.sum(weighted * keep, axis=0) / xp.maximum(count, xp.ones_like(count))
+
+
+def mask_keys(kind: str, module: LoraModule, index: int = 0) -> tuple[str, ...]:
+    """The keep-mask keys of branch ``index`` of ``module``: its A and B keys (factor types), or
+    ``"<module>.delta"`` (``"<module>.delta.<index>"`` with several branches) for the ``_svd`` types."""
+    branch = module.branches[index]
+    if kind in FACTOR_TYPES:
+        return (branch.a_key, branch.b_key)
+    return (f"{module.name}.delta" + (f".{index}" if len(module.branches) > 1 else ""),)
+
+
+def dare_mask_shapes(
+    config: GPT2Config, sources: Sequence[LoraConfig], combination_type: str
+) -> dict[str, list[tuple[int, ...]]]:
+    """The keep-masks a DARE combination of ``sources`` (in ``names`` order) needs, in PEFT's draw order:
+    mask key -> one shape per source that targets the module (in source order). Modules in model order; per
+    module A's masks (r_i, in) then B's (out, r_i) for ``dare_linear`` / ``dare_ties``, or one (out, in) mask
+    of ΔWt_i = s_i B_i A_i for the ``_svd`` forms (key ``mask_keys``': ``<module>.delta``, or ``<module>.delta.<i>``
+    per branch i with ``qkv_slices``). Sources with different ``qkv_slices`` are refused (ValueError). (PEFT draws the same masks of the (in, out) ΔW of a Conv1D or
+    Embedding: the transposes of these.) Empty for any other combination type, and for one source (``linear``)."""
+    if combination_type not in DARE_TYPES or len(sources) == 1:
+        return {}
+    _check_same_slices([f"#{i}" for i in range(len(sources))], sources)
+    plans = [plan_lora(config, s) for s in sources]
+    targeted = {name for p in plans for name in p}
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for module_name in (name for name in module_names(config) if name in targeted):  # model order
+        parts = [p[module_name] for p in plans if module_name in p]
+        for index in range(len(parts[0].branches)):
+            keys = mask_keys(combination_type, parts[0], index)
+            for m in parts:
+                b = m.branches[index]
+                width = b.out_stop - b.out_start
+                if combination_type in FACTOR_TYPES:
+                    shapes.setdefault(keys[0], []).append((m.r, m.in_features))
+                else:
+                    shapes.setdefault(keys[0], []).append((width, m.in_features))
+            if combination_type in FACTOR_TYPES:
+                for m in parts:
+                    b = m.branches[index]
+                    shapes.setdefault(keys[1], []).append((b.out_stop - b.out_start, m.r))
+    return shapes
+
+
+def draw_dare_masks(shapes: Mapping[str, Sequence[tuple[int, ...]]], density: float, rng) -> dict[str, list]:
+    """Keep-masks for ``dare_mask_shapes``: each entry 1.0 with probability ``density`` (``rng.random() <
+    density``, float64), drawn key by key and source by source in that order."""
+    return {key: [(rng.random(shape) < density).astype("float64") for shape in group] for key, group in shapes.items()}
+
+
+def _checked_masks(
+    config: GPT2Config,
+    sources: Sequence[LoraConfig],
+    kind: str,
+    density: float | None,
+    keep_masks: Mapping[str, Sequence[Array]] | None,
+) -> dict[str, list]:
+    """``keep_masks`` checked against ``dare_mask_shapes`` (keys, counts, shapes, values 0/1), or {} where no
+    mask is used (not DARE, one source, density ≥ 1)."""
+    if kind not in DARE_TYPES or len(sources) == 1 or density >= 1:
+        return {}
+    if keep_masks is None:
+        raise ValueError(f"combination_type={kind!r} with density {density} < 1 needs keep_masks "
+                         "(reflora.weighted.dare_mask_shapes)")  # fmt: skip
+    shapes = dare_mask_shapes(config, sources, kind)
+    if set(keep_masks) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(keep_masks)), sorted(set(keep_masks) - set(shapes))
+        raise ValueError(f"keep_masks: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
+    out = {}
+    for key, group in shapes.items():
+        masks = list(keep_masks[key])
+        if len(masks) != len(group):
+            raise ValueError(f"keep_masks[{key!r}]: {len(masks)} masks for {len(group)} sources")
+        for i, (mask, shape) in enumerate(zip(masks, group)):
+            if tuple(mask.shape) != tuple(shape):
+                raise ValueError(f"keep_masks[{key!r}][{i}] has shape {tuple(mask.shape)}, expected {shape}")
+            xp = namespace(mask)
+            if not bool(xp.all((mask == 0) | (mask == 1))):
+                raise ValueError(f"keep_masks[{key!r}][{i}] must hold only 0.0 and 1.0")
+        out[key] = masks
+    return out

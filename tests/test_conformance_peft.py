@@ -31,9 +31,18 @@ def test_reflora_conform_against_peft_exits_0_with_known_deviations_listed(tmp_p
     for feature_id in ("layer.dora_full_norm.linear", "layer.dora_full_norm.conv1d"):  # PEFT detaches the norm
         assert results[feature_id]["result"] == "not_supported"
         assert "detach" in results[feature_id]["reason"]
+    from conformance.drivers.peft import LAYER_INITS
+    from conformance.init_laws import LAW_NAMES
+
+    other_laws = {f"layer.init.{law}.{layout}" for law in LAW_NAMES if law not in LAYER_INITS
+                  for layout in ("linear", "conv1d")}  # fmt: skip
+    for feature_id in other_laws:  # other libraries' init laws (conformance/init_laws.py)
+        assert results[feature_id]["result"] == "not_supported"
+        assert "other libraries' inits" in results[feature_id]["reason"]
     allowed = {"pass", "known_deviation"}
     others = {k: f["result"] for k, f in results.items()
-              if "qkv" not in k and "dora_full_norm" not in k and f["result"] not in allowed}  # fmt: skip
+              if "qkv" not in k and "dora_full_norm" not in k and k not in other_laws
+              and f["result"] not in allowed}  # fmt: skip
     assert not others, others
     assert report["summary"]["unknown_failures"] == 0
     assert "conformance score" in out and "known deviation" in out

@@ -170,6 +170,10 @@ def test_corpus_covers_every_feature():
             seen.add(f"init {lora['init_lora_weights']}")
         if spec["weighted"] is not None:
             seen.add(f"weighted {spec['weighted']['combination_type']}")
+        if spec["scale_ops"]:
+            seen.add("runtime scaling" + (" rslora" if lora["use_rslora"] else ""))
+        if spec["merge"] and lora.get("trainable_token_indices"):
+            seen.add("merge trainable tokens" + (" with another adapter" if spec["adapters"] else ""))
     required = {f"module {k}" for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} | {
         "module set ['attn.c_proj', 'mlp.c_proj']", "module set ['attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj']",
         "no lora (full fine-tuning)", "regex targets", "list targets", "default targets", "layers_to_transform list",
@@ -180,6 +184,8 @@ def test_corpus_covers_every_feature():
         "dtype float32", "ignored labels", "padding labels counted", "T=1", "B=1", "lora + train_base",
         "dora no dropout", "dora dropout masks", "lora_bias", "several active adapters", "mixed batch with __base__",
         "dora full gradient", "merge lora", "merge dora", "init pissa", "init olora", "weighted cat", "weighted linear", "weighted svd",
+        "weighted dare_ties", "weighted dare_linear_svd", "runtime scaling rslora",
+        "merge trainable tokens with another adapter",
     }  # fmt: skip
     assert not required - seen, f"features no committed case covers: {sorted(required - seen)}"
 
@@ -404,7 +410,7 @@ def replay_with_peft(case) -> dict[str, float]:
     ref = run_peft(
         case.config, case.params, lora, adapter, case.input_ids, labels=case.labels, dlogits=case.dlogits,
         attention_mask=case.attention_mask, position_ids=case.position_ids, dropout_masks=case.dropout_masks,
-        wrt=wrt, dtype=case.spec["dtype"],
+        wrt=wrt, dtype=case.spec["dtype"], scale_ops=case.spec.get("scale_ops") or (),
     )  # fmt: skip
     floor = gradient_floor(g.astype(np.float64) for g in case.grads.values())
     errors = {"logits": relative_error(ref["logits"], case.logits.astype(np.float64))}
@@ -570,7 +576,8 @@ PRUNED_OR_PATTERN_WEIGHTED = ("weighted_ties", "weighted_magnitude_prune_svd", "
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", [n for n in advanced_case_names("weighted") if n not in PRUNED_OR_PATTERN_WEIGHTED])
+@pytest.mark.parametrize("name", [n for n in advanced_case_names("weighted")
+                                  if n not in PRUNED_OR_PATTERN_WEIGHTED and not n.startswith("weighted_dare")])  # fmt: skip
 def test_weighted_fixture_agrees_with_peft_and_closed_form(name):
     """weighted/*: the closed form of docs/advanced-semantics.md to 1e-12 (cat: Σ w ΔW exactly; linear: PEFT's
     formula with its cross terms; svd: the best rank-k part of Σ w ΔW), r and lora_alpha (scaling 1), and PEFT's
@@ -655,6 +662,48 @@ def test_pruned_or_pattern_weighted_fixture_against_peft(name):
         logits = model(input_ids=torch.from_numpy(case.input_ids),
                        attention_mask=torch.from_numpy(case.attention_mask)).logits.numpy()  # fmt: skip
     assert relative_error(logits, case.derived["weighted/logits"]) <= rtol
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", [n for n in advanced_case_names("weighted") if n.startswith("weighted_dare")])
+def test_dare_weighted_fixture_against_peft_with_injected_masks(name):
+    """weighted/* of the DARE cases against PEFT's add_weighted_adapter with the fixture's dare_mask/* injected
+    into torch.bernoulli in PEFT's call order (conformance/drivers/peft.py: a shape check on every draw): B A
+    per module and the logits to 1e-10 relative (float32-exact coefficients, so D6 does not enter)."""
+    pytest.importorskip("torch")
+    from conformance.drivers.peft import driver
+    from conformance.protocol import AdaptersCase
+
+    case = load_fixture(GOLDEN / "fixtures" / f"{name}.safetensors")
+    spec = case.spec["weighted"]
+    assert case.dare_masks, "a DARE fixture with density < 1 carries its keep-masks"
+    combination = {"names": spec["adapters"], "weights": spec["weights"], "combination_type": spec["combination_type"],
+                   "svd_rank": spec["svd_rank"], "density": spec["density"],
+                   "majority_sign_method": spec.get("majority_sign_method", "total")}  # fmt: skip
+    theirs = driver.weighted_adapter(AdaptersCase(config=case.config, params=case.params,
+                                                  adapters=case.all_adapters(), input_ids=case.input_ids,
+                                                  combination=combination, keep_masks=case.dare_masks))  # fmt: skip
+    modules = sorted({m for n in spec["adapters"] for m in plan_lora(case.config, case.all_adapters()[n][0])})
+    assert sorted(theirs["deltas"]) == modules
+    for module in modules:
+        a_key, b_key = (f"base_model.model.{module}.lora_{x}.weight" for x in "AB")
+        ours = case.derived[f"weighted/{b_key}"] @ case.derived[f"weighted/{a_key}"]  # scaling 1
+        assert relative_error(theirs["deltas"][module], ours) <= PEFT_RTOL["float64"], module
+    assert relative_error(theirs["logits"], case.derived["weighted/logits"]) <= PEFT_RTOL["float64"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", advanced_case_names("scale_ops"))
+def test_runtime_scaling_fixture_needs_peft_scale_ops(name):
+    """A scale_ops fixture agrees with PEFT after its set_scale / scale_layer / unscale_layer calls (checked in
+    test_committed_fixture_agrees_with_peft), and not without them: the multiplier is really in the outputs."""
+    pytest.importorskip("torch")
+    from reflora.golden.spec import scale_multiplier
+
+    case = load_fixture(GOLDEN / "fixtures" / f"{name}.safetensors")
+    assert scale_multiplier(case.spec) != 1
+    plain = dataclasses.replace(case, spec={**case.spec, "scale_ops": []})
+    assert replay_with_peft(plain)["logits"] > 1e-3
 
 
 @pytest.mark.torch
@@ -891,7 +940,7 @@ def test_docs_name_every_spec_key():
         (small_spec(weighted={"adapters": ["default"]}), "spec.weighted.weights"),
         (small_spec(weighted={"adapters": ["x"], "weights": [1.0]}), "spec.weighted.adapters"),
         (
-            small_spec(weighted={"adapters": ["default"], "weights": [1.0], "combination_type": "dare_ties"}),
+            small_spec(weighted={"adapters": ["default"], "weights": [1.0], "combination_type": "dare_magic"}),
             "spec.weighted.combination_type",
         ),
         (
@@ -900,6 +949,41 @@ def test_docs_name_every_spec_key():
         ),
         (small_spec(weighted={"adapters": ["default"], "weights": [1.0], "density": 0.5}), "spec.weighted.density"),
         (small_spec(weighted={"adapters": ["default"], "weights": [1.0], "svd_rank": 0}), "spec.weighted.svd_rank"),
+        (small_spec(scale_ops=[["bogus", 1.0]]), "spec.scale_ops"),
+        (small_spec(scale_ops="set_scale"), "spec.scale_ops"),
+        (small_spec(scale_ops=[["scale_layer", 2.0]], merge=True), "spec.scale_ops"),
+        (small_spec(scale_ops=[["set_scale", "other", 2.0]]), "spec.scale_ops"),  # PEFT would ignore it
+        *[
+            (
+                small_spec(lora={"r": 2, "target_modules": ["c_attn"], "modules_to_save": ["ln_f"]}, **extra),
+                "spec.lora.modules_to_save",
+            )
+            for extra in (
+                {"merge": True},
+                {"adapter_names": ["default", "__base__"]},
+                {"weighted": {"adapters": ["default"], "weights": [1.0]}},
+                {"adapters": {"b": {"lora": {"r": 2}}}},
+            )
+        ],
+        (
+            small_spec(adapters={"b": {"lora": {"r": 2, "target_modules": ["c_attn"], "modules_to_save": ["ln_f"]}}}),
+            "spec.adapters.b.lora.modules_to_save",
+        ),
+        (
+            small_spec(
+                lora={"r": 2, "target_modules": ["c_attn"], "trainable_token_indices": [1]},
+                weighted={"adapters": ["default"], "weights": [1.0]},
+            ),
+            "spec.weighted.adapters",
+        ),
+        (
+            small_spec(
+                reflora_lora={"qkv_slices": ["q", "v"]},
+                adapters={"b": {"lora": {"r": 2}}},
+                weighted={"adapters": ["default", "b"], "weights": [1.0, 1.0]},
+            ),
+            "spec.weighted.adapters",
+        ),
         (
             small_spec(lora={"r": 2, "use_dora": True}, weighted={"adapters": ["default"], "weights": [1.0]}),
             "spec.weighted.adapters",

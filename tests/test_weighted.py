@@ -150,8 +150,10 @@ def test_targets_are_the_union_and_layers_to_transform_is_respected():
 
 def test_refusals():
     params, adapters = sources()
-    with pytest.raises(ValueError, match="not covered"):
-        add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "dare_ties")
+    with pytest.raises(ValueError, match="keep_masks"):
+        add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "dare_ties", density=0.5)
+    with pytest.raises(ValueError, match="density > 0"):
+        add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "dare_linear", density=0.0)
     with pytest.raises(ValueError, match="density"):
         add_weighted_adapter(TINY, adapters, ["a", "b"], [1, 1], "ties")
     with pytest.raises(ValueError, match="equal ranks"):
@@ -162,6 +164,23 @@ def test_refusals():
     adapters["d"] = (dora, init_adapter(params, TINY, dora, np.random.default_rng(0), init="test")[0])
     with pytest.raises(ValueError, match="DoRA"):
         add_weighted_adapter(TINY, adapters, ["a", "d"], [1, 1], "cat")
+    tokens = rf.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=[1, 3])
+    adapters["t"] = (tokens, init_adapter(params, TINY, tokens, np.random.default_rng(0), init="test")[0])
+    for names in (["a", "t"], ["t"]):  # PEFT's rows are not a low-rank delta (the first's indices would be kept)
+        with pytest.raises(ValueError, match=r"\['t'\] use trainable_token_indices"):
+            add_weighted_adapter(TINY, adapters, names, [1.0] * len(names), "cat")
+
+
+@pytest.mark.parametrize("kind", ["dare_ties", "dare_linear_svd"])
+def test_dare_mask_shapes_refuses_different_qkv_slices(kind):
+    """The first source with more c_attn branches than the second: a clear ValueError, not an IndexError."""
+    from reflora.weighted import dare_mask_shapes
+
+    qkv = rf.LoraConfig(r=2, target_modules=["c_attn"], qkv_slices=["q", "k", "v"])
+    plain = rf.LoraConfig(r=2, target_modules=["c_attn"])
+    for pair in ((qkv, plain), (plain, qkv)):
+        with pytest.raises(ValueError, match="different qkv_slices"):
+            dare_mask_shapes(TINY, pair, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,3 +342,145 @@ def test_pruned_types_match_peft(kind, density, method):
     assert set(theirs) == set(ours)
     for module, delta in theirs.items():
         np.testing.assert_allclose(ours[module], delta, rtol=0, atol=1e-13, err_msg=module)
+
+
+# ----------------------------------------------------------------------------------------------
+# DARE (dare_linear, dare_ties and their *_svd forms): random pruning with injected keep-masks
+# ----------------------------------------------------------------------------------------------
+
+DARE_NAMES = {"dare_linear": ["a", "b"], "dare_ties": ["a", "b"], "dare_linear_svd": ["a", "b", "c"],
+              "dare_ties_svd": ["a", "b", "c"]}  # fmt: skip
+
+
+def dare_inputs(kind: str, density: float, seed: int = 6):
+    from reflora.weighted import dare_mask_shapes, draw_dare_masks
+
+    _, adapters = sources(seed=seed)
+    names = DARE_NAMES[kind]
+    shapes = dare_mask_shapes(TINY, [adapters[n][0] for n in names], kind)
+    return adapters, names, draw_dare_masks(shapes, density, np.random.default_rng(seed + 1))
+
+
+def test_dare_mask_shapes_follow_model_order_and_a_then_b():
+    from reflora.weighted import dare_mask_shapes
+
+    _, adapters = sources()
+    shapes = dare_mask_shapes(TINY, [adapters["a"][0], adapters["b"][0]], "dare_ties")
+    keys = list(shapes)
+    assert keys[:2] == ["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight",
+                        "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]  # fmt: skip
+    assert shapes[keys[0]] == [(2, 6), (2, 6)] and shapes[keys[1]] == [(18, 2), (18, 2)]  # a and b both
+    assert shapes["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"] == [(2, 6)]  # a alone
+    svd = dare_mask_shapes(TINY, [adapters["a"][0], adapters["c"][0]], "dare_linear_svd")
+    assert svd["transformer.h.1.attn.c_attn.delta"] == [(18, 6), (18, 6)]
+    assert dare_mask_shapes(TINY, [adapters["a"][0]], "dare_ties") == {}  # one source: linear
+
+
+@pytest.mark.parametrize("kind", ["dare_linear", "dare_ties"])
+def test_dare_closed_form_on_one_module(kind):
+    """A = Σ c_i (A_i ⊙ M_i / density) (dare_linear), or ties' elected sign and disjoint mean on those."""
+    adapters, names, masks = dare_inputs(kind, 0.5)
+    weights = [0.7, -1.3]
+    lora, tensors = add_weighted_adapter(TINY, adapters, names, weights, kind, density=0.5, keep_masks=masks)
+    module = "transformer.h.0.attn.c_attn"
+    key = rf.plan_lora(TINY, lora)[module].branches[0].a_key
+    tasks, coeffs = [], []
+    for name, w, mask in zip(names, weights, masks[key]):
+        m = rf.plan_lora(TINY, adapters[name][0])[module]
+        tasks.append(adapters[name][1][key] * mask / 0.5)
+        coeffs.append(math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling))
+    if kind == "dare_linear":
+        want = coeffs[0] * tasks[0] + coeffs[1] * tasks[1]
+    else:
+        sign = np.where(tasks[0] + tasks[1] >= 0, 1.0, -1.0)
+        keep = [np.sign(t) == sign for t in tasks]
+        want = (coeffs[0] * tasks[0] * keep[0] + coeffs[1] * tasks[1] * keep[1]) / np.maximum(
+            keep[0] + 1.0 * keep[1], 1
+        )
+    np.testing.assert_allclose(tensors[key], want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_density_one_and_all_kept_masks(kind):
+    """density ≥ 1 needs no mask and is magnitude_prune/ties at density 1; masks of ones at density d scale
+    every task tensor by 1/d (dare_linear: ΔW of the factor form by 1/d², of the svd form by 1/d)."""
+    adapters, names, _ = dare_inputs(kind, 0.5)
+    weights = [0.7, -1.3, 0.4][: len(names)]
+    svd_rank = 3 if kind.endswith("svd") else None
+    plain = kind.replace("dare_linear", "magnitude_prune").replace("dare_ties", "ties")
+    got = deltas(*add_weighted_adapter(TINY, adapters, names, weights, kind, svd_rank, 1.0))
+    want = deltas(*add_weighted_adapter(TINY, adapters, names, weights, plain, svd_rank, 1.0))
+    for module in want:
+        np.testing.assert_allclose(got[module], want[module], rtol=0, atol=1e-13, err_msg=module)
+    if kind.startswith("dare_linear"):
+        from reflora.weighted import dare_mask_shapes
+
+        shapes = dare_mask_shapes(TINY, [adapters[n][0] for n in names], kind)
+        ones = {k: [np.ones(s) for s in group] for k, group in shapes.items()}
+        scaled = deltas(*add_weighted_adapter(TINY, adapters, names, weights, kind, svd_rank, 0.5, keep_masks=ones))
+        factor = 2.0 if kind.endswith("svd") else 4.0
+        for module in want:
+            np.testing.assert_allclose(scaled[module], factor * want[module], rtol=0, atol=1e-12, err_msg=module)
+
+
+def test_dare_refuses_wrong_masks():
+    adapters, names, masks = dare_inputs("dare_ties", 0.5)
+    key = next(iter(masks))
+    with pytest.raises(ValueError, match="shape"):
+        add_weighted_adapter(TINY, adapters, names, [1, 1], "dare_ties", density=0.5,
+                             keep_masks={**masks, key: [m.T for m in masks[key]]})  # fmt: skip
+    with pytest.raises(ValueError, match="masks for 2 sources"):
+        add_weighted_adapter(TINY, adapters, names, [1, 1], "dare_ties", density=0.5,
+                             keep_masks={**masks, key: masks[key][:1]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"0\.0 and 1\.0"):
+        add_weighted_adapter(TINY, adapters, names, [1, 1], "dare_ties", density=0.5,
+                             keep_masks={**masks, key: [0.5 * m for m in masks[key]]})  # fmt: skip
+
+
+@pytest.mark.torch
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("kind", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+@pytest.mark.parametrize("density", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_dare_matches_peft_with_injected_masks(kind, density, method):
+    """The peft driver injects the masks into torch.bernoulli in PEFT's call order (a shape check on every
+    call, and the count at the end): PEFT's combination then equals the reference's at 1e-13 (float64)."""
+    pytest.importorskip("peft")
+    from conformance.drivers.peft import driver
+    from conformance.protocol import AdaptersCase
+
+    adapters, names, masks = dare_inputs(kind, density)
+    svd = kind.endswith("svd")
+    weights = [0.75, -0.5, 1.5] if svd else EXACT_WEIGHTS["linear"]  # float32-exact coefficients (D6)
+    weights = weights[: len(names)]
+    svd_rank = 3 if svd else None
+    params = rf.init_gpt2_params(TINY, np.random.default_rng(0))
+    combination = {"names": names, "weights": weights, "combination_type": kind, "svd_rank": svd_rank,
+                   "density": density, "majority_sign_method": method}  # fmt: skip
+    case = AdaptersCase(config=TINY, params=params, adapters={n: adapters[n] for n in names},
+                        input_ids=np.zeros((1, 3), dtype=np.int64), combination=combination,
+                        keep_masks=masks if density < 1 else None)  # fmt: skip
+    theirs = driver.weighted_adapter(case)["deltas"]
+    lora, tensors = add_weighted_adapter(TINY, adapters, names, weights, kind, svd_rank, density, method,
+                                         keep_masks=case.keep_masks)  # fmt: skip
+    ours = deltas(lora, tensors)
+    assert set(theirs) == set(ours)
+    for module, delta in theirs.items():
+        np.testing.assert_allclose(ours[module], delta, rtol=0, atol=1e-13, err_msg=module)
+
+
+@pytest.mark.torch
+def test_dare_injection_fails_loudly_on_a_wrong_order():
+    """Masks handed to PEFT in the wrong order (B's before A's) stop at the first shape mismatch."""
+    pytest.importorskip("peft")
+    import torch
+
+    from conformance.drivers import peft_bridge
+    from conformance.drivers.peft import _injected_bernoulli
+
+    adapters, names, masks = dare_inputs("dare_linear", 0.5)
+    ordered = [torch.from_numpy(m) for key in reversed(list(masks)) for m in masks[key]]
+    model = peft_bridge.build_peft_adapters(TINY, rf.init_gpt2_params(TINY, np.random.default_rng(0)),
+                                            {n: adapters[n] for n in names})  # fmt: skip
+    with pytest.raises(AssertionError, match="call order or layout"), _injected_bernoulli(ordered):
+        model.add_weighted_adapter(names, [1.0, 1.0], "new", combination_type="dare_linear", density=0.5)

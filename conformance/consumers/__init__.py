@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-SHIPPED = ("transformers_load_adapter", "peft_from_pretrained")
+SHIPPED = ("transformers_load_adapter", "peft_from_pretrained", "mlx_lm_fuse", "llama_cpp")
 
 
 def load_consumer(name: str):

@@ -54,20 +54,7 @@ class CommandConsumer:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         out = Path(out_dir) / "out.safetensors"
         cmd = self.command({"base": base, "adapter": adapter, "input": input, "out": out})
-        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)  # fmt: skip
-        try:
-            _, stderr = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: a shell and what it started
-            proc.communicate()
-            raise CandidateError("timeout", f"{cmd} ran longer than {self.timeout:g} s") from None
-        tail = stderr.decode(errors="replace")[-2000:]
-        if proc.returncode == NOT_SUPPORTED_EXIT:
-            raise NotSupported(tail.strip() or f"{cmd} exited {NOT_SUPPORTED_EXIT} (not supported)")
-        if proc.returncode != 0:
-            kind = "crashed" if proc.returncode < 0 else "raised"
-            raise CandidateError(kind, f"{cmd} exited with status {proc.returncode}", tail)
+        tail = run_command(cmd, self.timeout)
         if not out.is_file():
             raise CandidateError("raised", f"{cmd} exited 0 but wrote no {out}", tail)
         try:
@@ -80,3 +67,25 @@ class CommandConsumer:
         if bad:
             raise CandidateError("raised", f"{out}: {bad[0]} is not a float tensor", tail)
         return results
+
+
+def run_command(cmd: str, timeout: float) -> str:
+    """Run ``cmd`` through the shell in its own process session under ``timeout`` seconds; the tail of its
+    stderr. A timeout kills the whole session (a shell and what it started) and, like a non-zero exit, is a
+    ``CandidateError``; exit status 3 is ``NotSupported`` (its stderr the reason). Shared by both levels of
+    command candidates (this module's ``CommandConsumer``, conformance.consumers.command_layer)."""
+    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole session: a shell and what it started
+        proc.communicate()
+        raise CandidateError("timeout", f"{cmd} ran longer than {timeout:g} s") from None
+    tail = stderr.decode(errors="replace")[-2000:]
+    if proc.returncode == NOT_SUPPORTED_EXIT:
+        raise NotSupported(tail.strip() or f"{cmd} exited {NOT_SUPPORTED_EXIT} (not supported)")
+    if proc.returncode != 0:
+        kind = "crashed" if proc.returncode < 0 else "raised"
+        raise CandidateError(kind, f"{cmd} exited with status {proc.returncode}", tail)
+    return tail

@@ -41,23 +41,35 @@ def lora_names(case: LayerCase) -> list[tuple[str | None, str, str]]:
     return [(s, f"lora_A.{s}", f"lora_B.{s}") for s in QKV_ORDER if s in case.lora_A]
 
 
-def refuse_unsupported(case: LayerCase, caps: Capabilities, driver: str) -> None:
-    """Raise ``NotSupported`` if the case needs a capability the driver has not declared."""
+def _refuser(caps: Capabilities, driver: str):
+    """``refuse(capability, what)``: raise ``NotSupported`` naming the driver, what the case needs and the
+    capability's note (the library's reason)."""
 
     def refuse(capability: str, what: str) -> None:
         note = caps.notes.get(capability, "")
         raise NotSupported(f"{driver}: {what}" + (f" ({note})" if note else ""))
 
+    return refuse
+
+
+def _refuse_layer_basics(case, scaling: float, caps: Capabilities, refuse) -> None:
+    """The checks every layer case shares: layout, dtype, rsLoRA, and a scaling ≠ 1 without ``lora_alpha``."""
     if case.layout not in caps.layer_layouts:
         refuse("layer_layouts", f"layout {case.layout!r} is not supported")
     if case.dtype not in caps.dtypes:
         refuse("dtypes", f"dtype {case.dtype!r} is not supported")
-    if case.qkv_slices is not None and not caps.per_slice_qkv:
-        refuse("per_slice_qkv", "per-slice q/k/v LoRA is not supported")
     if case.use_rslora and not caps.rslora:
         refuse("rslora", "rsLoRA scaling is not supported")
-    if not caps.lora_alpha and not math.isclose(scaling_of(case), 1.0, rel_tol=0, abs_tol=1e-15):
-        refuse("lora_alpha", f"only scaling 1 (lora_alpha == r) is expressible, the case needs {scaling_of(case)}")
+    if not caps.lora_alpha and not math.isclose(scaling, 1.0, rel_tol=0, abs_tol=1e-15):
+        refuse("lora_alpha", f"only scaling 1 (lora_alpha == r) is expressible, the case needs {scaling}")
+
+
+def refuse_unsupported(case: LayerCase, caps: Capabilities, driver: str) -> None:
+    """Raise ``NotSupported`` if the case needs a capability the driver has not declared."""
+    refuse = _refuser(caps, driver)
+    _refuse_layer_basics(case, scaling_of(case), caps, refuse)
+    if case.qkv_slices is not None and not caps.per_slice_qkv:
+        refuse("per_slice_qkv", "per-slice q/k/v LoRA is not supported")
     if case.keep_mask is not None and case.lora_dropout > 0 and not caps.dropout_mask_injection:
         refuse("dropout_mask_injection", "LoRA dropout with the reference's keep-mask is not supported")
     if case.bias_trainable and not ({"all", "lora_only"} & caps.bias_modes):
@@ -70,6 +82,17 @@ def refuse_unsupported(case: LayerCase, caps: Capabilities, driver: str) -> None
         refuse("layer_dora_full_norm", "DoRA with the full-norm gradient is not supported")
 
 
+def refuse_unsupported_init(case, caps: Capabilities, driver: str) -> None:
+    """``refuse_unsupported`` for a ``LayerInitCase`` (``layer_init``): the layout, dtype, rsLoRA and scaling
+    checks, the init law (``Capabilities.layer_init_methods``) and DoRA (``layer_dora``)."""
+    refuse = _refuser(caps, driver)
+    _refuse_layer_basics(case, case.scaling, caps, refuse)
+    if case.init not in caps.layer_init_methods:
+        refuse("layer_init_methods", f"init law {case.init!r} is not supported")
+    if case.use_dora and not caps.layer_dora:
+        refuse("layer_dora", "DoRA is not supported")
+
+
 def is_all_linear(target_modules) -> bool:
     """PEFT's shorthand ``target_modules="all-linear"`` (any case): every Conv1D / Linear but the output layer."""
     return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
@@ -78,11 +101,7 @@ def is_all_linear(target_modules) -> bool:
 def refuse_unsupported_model(case: ModelCase, caps: Capabilities, driver: str) -> None:
     """The model-level counterpart of ``refuse_unsupported`` (only what every model driver checks the same way)."""
     lora = case.lora
-
-    def refuse(capability: str, what: str) -> None:
-        note = caps.notes.get(capability, "")
-        raise NotSupported(f"{driver}: {what}" + (f" ({note})" if note else ""))
-
+    refuse = _refuser(caps, driver)
     if not caps.model_level:
         refuse("model_level", "no model level")
     if case.dtype not in caps.dtypes:
@@ -116,7 +135,8 @@ def refuse_unsupported_model(case: ModelCase, caps: Capabilities, driver: str) -
 def torch_dtype(name: str):
     import torch
 
-    return {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    names = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return names[name]
 
 
 def to_torch(array: np.ndarray, dtype: str, requires_grad: bool = False):

@@ -27,6 +27,12 @@ Mapping (keras/src/layers/core/dense.py, einsum_dense.py; keras_hub/src/models/b
   Its ``enable_lora`` factors the kernel the same way (``lora_kernel_a`` = kernel.shape[:-1] + (r,) = (out, r),
   ``lora_kernel_b`` (r, in), kernel ``W + (lora_alpha / rank) · a @ b``), so there ``lora_kernel_a`` = B and
   ``lora_kernel_b`` = A (the gradients are mapped back by name).
+* init (``layer_init``): ``enable_lora``'s own initializers (``he_uniform`` on ``lora_kernel_a``, zeros on
+  ``lora_kernel_b``): the law ``he_uniform`` on Dense, ``he_uniform_b`` (B random, A = 0) on the EinsumDense.
+* LoRA on ``wte``: ``"token_embedding"`` among ``enable_lora``'s target names (``Embedding.enable_lora`` on keras-hub's
+  ``ReversibleEmbedding``: ``lora_embeddings_a`` (V, r) = Aᵀ, ``lora_embeddings_b`` (r, C) = Bᵀ; its tied reverse
+  call uses the adapted embeddings too).
+* dtypes: float64, float32, bfloat16, float16 (on torch a float64 ``ops.matmul`` computes in float32).
 * merge: Keras folds LoRA into the kernel when saving: ``save_own_variables(store)`` writes the merged kernel
   (``_get_kernel_with_merged_lora``); ``merged_y`` is the forward of a LoRA-free layer after
   ``load_own_variables(store)`` (what a saved-and-reloaded layer computes). There is no unmerge.
@@ -46,9 +52,11 @@ from conformance.drivers._ecosystem import (
     to_torch,
     torch_layer_results,
 )
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.protocol import Capabilities, LayerCase, LayerInitCase, ModelCase, NotSupported
+from reflora.targets import EMBEDDING_KIND, EMBEDDING_MODULE
 
 name = "keras"
+INIT_LAWS = {"conv1d": "he_uniform", "linear": "he_uniform_b"}  # conformance.init_laws, per layer kind
 capabilities = Capabilities(
     layer_layouts=frozenset({"conv1d", "linear"}),
     model_level=True,
@@ -58,7 +66,7 @@ capabilities = Capabilities(
     dropout_mask_injection=False,
     bias_modes=frozenset({"none", "all", "lora_only"}),
     per_slice_qkv=False,
-    dtypes=frozenset({"float64", "float32"}),
+    dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
     target_modules_list=True,
     target_modules_regex=False,
     layers_to_transform=False,
@@ -68,6 +76,8 @@ capabilities = Capabilities(
     merge=True,
     unmerge=False,
     adapter_files=False,
+    layer_init_methods=frozenset(INIT_LAWS.values()),  # enable_lora's he_uniform / zeros, per layer kind
+    embedding_lora=True,  # GPT2Backbone.enable_lora(rank, ["token_embedding", ...])
     notes={
         "layer_layouts": "conv1d: Dense (kernel (in, out)); linear: EinsumDense('...i,oi->...o') (kernel (out, in))",
         "model_lora_alpha": "GPT2Backbone.enable_lora(rank) passes no alpha: scaling 1 (lora_alpha == r) only",
@@ -75,7 +85,8 @@ capabilities = Capabilities(
         "GPT2Backbone.enable_lora(rank) passes no alpha, so only lora_alpha == r",
         "rslora": "lora_alpha / rank only",
         "dropout_mask_injection": "Keras LoRA has no dropout",
-        "dtypes": "the LoRA kernels are always float32, also in a float64 layer; bfloat16 is not run",
+        "dtypes": "the LoRA kernels are always float32 (also in float64, bfloat16, float16 layers); on the torch "
+        "backend keras.ops.matmul computes float64 in float32 (result_type maps float64 to float32)",
         "bias_modes": "reported as the library leaves it: enable_lora freezes the kernel only, the bias stays trainable",
         "per_slice_qkv": "Dense adapts a whole kernel; keras-hub's q/k/v are separate EinsumDense layers whose LoRA "
         "factors per head (ΔW_h = A_h B, B shared by the heads), not the reference's per-slice LoRA",
@@ -91,7 +102,8 @@ capabilities = Capabilities(
         "per head, so every projection cannot be targeted as LoRA",
         "exclude_modules": "enable_lora takes the names to adapt, no exclusion",
         "runtime_scaling": "no set_scale / scale_layer: lora_alpha / lora_rank is fixed by enable_lora",
-        "embedding_lora": "Embedding.enable_lora exists, but GPT2Backbone.enable_lora never targets the token embedding",
+        "embedding_lora": "mapped: GPT2Backbone.enable_lora(rank, [..., 'token_embedding']) (Embedding.enable_lora on "
+        "the ReversibleEmbedding, whose tied reverse call uses the adapted embeddings too)",
         "trainable_tokens": "Keras has no trainable-token (selected embedding rows) API",
         "adapter_switching": "one LoRA per layer (enable_lora can be called once); no switching",
         "model_merge": "no merge / unmerge API: LoRA is folded into the kernel only when saving",
@@ -101,6 +113,18 @@ capabilities = Capabilities(
         "driven at model level",
         "multi_adapter": "one LoRA per layer",
         "mixed_batch": "one LoRA per layer",
+        "modules_to_save": "GPT2Backbone.enable_lora freezes every other layer; keras-hub has no modules_to_save "
+        "(trainable copies of chosen modules)",
+        "ensure_weight_tying": "no modules_to_save, so nothing to tie",
+        "layer_init_methods": "enable_lora(rank, lora_alpha, a_initializer='he_uniform', b_initializer='zeros'): "
+        "Dense (conv1d) is the he_uniform law, EinsumDense('...i,oi->...o') (linear) he_uniform_b (its "
+        "lora_kernel_a is B); other initializers are Keras initializers, not the other laws",
+        "layer_dora": "Keras has no DoRA (dense.py / einsum_dense.py: enable_lora only)",
+        "layer_dora_merge": "Keras has no DoRA",
+        "layer_dora_full_norm": "Keras has no DoRA",
+        "layer_lora_bias": "enable_lora adds lora_kernel_a / lora_kernel_b only: no bias on B",
+        "layer_multi_adapter": "enable_lora can be called once per layer ('lora is already enabled')",
+        "layer_mixed_batch": "one LoRA per layer; call() takes no adapter names",
         "weighted_combinations": "no adapter combination API",
     },
 )
@@ -153,6 +177,35 @@ def _plain_layer(case: LayerCase, lora: dict | None = None):
         store["1"] = np.asarray(case.bias, dtype=np.float64).astype(case.dtype)
     layer.load_own_variables(store)
     return layer
+
+
+def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
+    """[layer_init_methods] Keras's own LoRA init: ``enable_lora(r, lora_alpha)`` with its default initializers
+    (``a_initializer="he_uniform"``, ``b_initializer="zeros"``) after ``keras.utils.set_random_seed(case.seed)``.
+    He uniform on ``lora_kernel_a`` draws U(±√(6/fan_in)) with fan_in its first axis. Dense (conv1d layout):
+    ``lora_kernel_a`` (in, r) = Aᵀ, so A ~ U(±√(6/in)), B = 0 (law he_uniform). EinsumDense('...i,oi->...o')
+    (linear layout): ``lora_kernel_a`` (out, r) = B ~ U(±√(6/out)) and ``lora_kernel_b`` (r, in) = A = 0 (law
+    he_uniform_b). Returns ``lora_A`` (r, in), ``lora_B`` (out, r), ``y`` (eval forward at init), ``weight`` (the
+    base kernel, the case's layout). The constructor form is not used here: its ``load_own_variables`` of the base
+    weights zeroes the LoRA kernels (dense.py), so the init could not be seen."""
+    import torch
+
+    keras = _keras()
+    if case.init != INIT_LAWS.get(case.layout):
+        raise NotSupported(f"{name}: init law {case.init!r} on the {case.layout} layout: "
+                           f"{capabilities.notes['layer_init_methods']}")  # fmt: skip
+    if case.use_dora or case.use_rslora:
+        raise NotSupported(f"{name}: {capabilities.notes['dora' if case.use_dora else 'rslora']}")
+    layer = _plain_layer(case)
+    keras.utils.set_random_seed(case.seed)
+    layer.enable_lora(case.r, lora_alpha=case.lora_alpha)
+    a, b = to_numpy(layer.lora_kernel_a.value), to_numpy(layer.lora_kernel_b.value)
+    lora_A, lora_B = (a.T, b.T) if case.layout == "conv1d" else (b, a)  # (r, in), (out, r)
+    with torch.no_grad():
+        y = layer(to_torch(case.x, case.dtype), training=False)
+    # the base kernel: the variable enable_lora froze (public: the layer's non-trainable weights)
+    (kernel,) = [v for v in layer.non_trainable_weights if v.path.split("/")[-1] == "kernel"]
+    return {"lora_A": lora_A, "lora_B": lora_B, "y": to_numpy(y), "weight": to_numpy(kernel.value)}
 
 
 def _lora_layer(case: LayerCase):
@@ -231,14 +284,16 @@ def _targets(case: ModelCase) -> tuple[list[str], dict]:
     plan = plan_lora(case.config, lora)
     kinds_by_layer: dict[int, set[str]] = {}
     for module in plan.values():
-        kinds_by_layer.setdefault(module.layer, set()).add(module.kind)
+        if module.kind != EMBEDDING_KIND:  # LoRA on wte: keras-hub's "token_embedding" (ReversibleEmbedding)
+            kinds_by_layer.setdefault(module.layer, set()).add(module.kind)
     kinds = set().union(*kinds_by_layer.values())
-    if any(k != kinds for k in kinds_by_layer.values()) or len(kinds_by_layer) != case.config.n_layer:
+    blocks = len(kinds_by_layer) in ((0, case.config.n_layer) if EMBEDDING_MODULE in plan else (case.config.n_layer,))
+    if any(k != kinds for k in kinds_by_layer.values()) or not blocks:
         raise NotSupported(f"{name}: {capabilities.notes['layers_to_transform']}")
     if "attn.c_attn" in kinds:
         raise NotSupported(f"{name}: c_attn: {capabilities.notes['per_slice_qkv']}")
     names = [KIND_TO_KERAS[k] for k in sorted(kinds)]
-    return names, plan
+    return names + (["token_embedding"] if EMBEDDING_MODULE in plan else []), plan
 
 
 def _build_model(case: ModelCase, folder: Path):
@@ -264,6 +319,14 @@ def _build_model(case: ModelCase, folder: Path):
     live = {}  # reflora key -> (keras variable, to-keras function, from-keras function)
     c, r, heads = config.n_embd, case.lora.r, config.n_head
     for module in plan.values():
+        if module.kind == EMBEDDING_KIND:  # Embedding.enable_lora: lora_embeddings_a (V, r) = Aᵀ, _b (r, C) = Bᵀ
+            (branch,) = module.branches
+            layer = backbone.token_embedding
+            _assign(layer.lora_embeddings_a, case.adapter[branch.a_key].T)
+            _assign(layer.lora_embeddings_b, case.adapter[branch.b_key].T)
+            live[branch.a_key] = (layer.lora_embeddings_a, lambda g: g.T)
+            live[branch.b_key] = (layer.lora_embeddings_b, lambda g: g.T)
+            continue
         block = backbone.transformer_layers[module.layer]
         for branch in module.branches:
             if module.kind == "attn.c_proj":

@@ -14,6 +14,15 @@ Mapping (litgpt/lora.py):
 * trainable: ``litgpt.lora.mark_only_lora_as_trainable(model, bias="none" | "lora_only")``, litgpt's own switch.
 * merge: ``merge()`` folds B A into ``linear.weight`` (and the forward then skips the LoRA branch); there is
   no unmerge (capability unmerge=False).
+* initialisation (``layer_init``, law ``kaiming_uniform``): ``LoRALinear.reset_parameters`` draws
+  ``kaiming_uniform_(lora_A, a=√5)`` on the (r, in) tensor (A ~ U(±1/√in)) and ``zeros_(lora_B)``; the layer is
+  built under ``torch.manual_seed(case.seed)`` in torch's default float32, then cast with ``.to(dtype)`` (as
+  litgpt's ``lora_A = torch.empty(...)`` follows the default dtype).
+* float16 / bfloat16: the same layers in that dtype.
+* per-slice merge (``layer.merge_qkv_slices.*``, capability ``merge_qkv_slices``): ``LoRAQKVLinear.merge()``
+  with the case's slices enabled (no unmerge).
+* what litgpt has that the layer protocol does not draw: grouped-query q/k/v (``n_query_groups < n_head``), a
+  4-bit base through bitsandbytes (``merge`` dequantizes it).
 """
 
 from __future__ import annotations
@@ -26,12 +35,13 @@ from conformance.drivers._ecosystem import (
     keep_mask_dropout,
     lora_names,
     refuse_unsupported,
+    refuse_unsupported_init,
     to_numpy,
     to_torch,
     torch_layer_results,
     trainable_names,
 )
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.protocol import Capabilities, LayerCase, LayerInitCase, ModelCase, NotSupported
 
 name = "litgpt"
 capabilities = Capabilities(
@@ -42,15 +52,28 @@ capabilities = Capabilities(
     dropout_mask_injection=True,
     bias_modes=frozenset({"none", "all", "lora_only"}),
     per_slice_qkv=True,
-    dtypes=frozenset({"float64", "float32", "bfloat16"}),
+    dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
     merge=True,
     unmerge=False,
+    merge_qkv_slices=True,  # LoRAQKVLinear.merge() (layer.merge_qkv_slices.*; no unmerge)
+    layer_init_methods=frozenset({"kaiming_uniform"}),
     notes={
+        "merge_qkv_slices": "mapped: LoRAQKVLinear.merge() folds each enabled slice's s·B A into its own output "
+        "rows (no unmerge: layer.unmerge_qkv_slices.* is not supported)",
         "model_level": "litgpt's GPT is GPT-2-like, not GPT-2 (its own names, config and checkpoint conversion)",
         "layer_layouts": "LoRALinear wraps an nn.Linear: weight (out, in) only",
         "rslora": "litgpt scales by lora_alpha / r only",
-        "unmerge": "LoRALinear.merge() folds B A into the weight; there is no unmerge",
+        "unmerge": "LoRALinear.merge() / merge_lora_weights fold B A into the weight; litgpt/lora.py has no unmerge",
         "bias_modes": "mark_only_lora_as_trainable(bias=...); the driver asks for 'lora_only' when the bias trains",
+        "per_slice_qkv": "LoRAQKVLinear (one head of size C: GPT-2's contiguous q, k, v blocks)",
+        "layer_init_methods": "LoRALinear.reset_parameters: kaiming_uniform_(lora_A, a=sqrt(5)), zeros_(lora_B), "
+        "the only init litgpt has (no init argument)",
+        "layer_lora_bias": "lora_B is an nn.Parameter (out, r) with no bias (litgpt/lora.py)",
+        "layer_dora": "litgpt 0.5.13 has no DoRA (litgpt/lora.py: LoRALinear, LoRAQKVLinear only)",
+        "layer_dora_full_norm": "litgpt 0.5.13 has no DoRA",
+        "layer_dora_merge": "litgpt 0.5.13 has no DoRA",
+        "layer_multi_adapter": "one lora_A / lora_B per LoRALinear: no adapter names, no second adapter",
+        "layer_mixed_batch": "one adapter per layer: no per-row adapter selection",
     },
 )
 
@@ -133,6 +156,29 @@ def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
     with torch.no_grad():
         merged_y = layer(to_torch(case.x, case.dtype))
     return {"merged_weight": to_numpy(layer.linear.weight), "merged_y": to_numpy(merged_y)}
+
+
+def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
+    """litgpt's own init on a ``LoRALinear`` holding ``case.weight`` (out, in) / ``case.bias``, built under
+    ``torch.manual_seed(case.seed)``: ``lora_A`` (r, in), ``lora_B`` (out, r) as ``reset_parameters`` drew them
+    (A ~ U(±1/√in), B = 0), ``y`` (B, T, out) in eval mode and ``weight`` (out, in)."""
+    import torch
+    from litgpt.lora import LoRALinear
+
+    refuse_unsupported_init(case, capabilities, name)
+    out_f, in_f = case.weight.shape
+    torch.manual_seed(case.seed)
+    layer = LoRALinear(in_f, out_f, r=case.r, lora_alpha=case.lora_alpha, bias=case.bias is not None)
+    layer = layer.to(to_torch(case.x, case.dtype).dtype)
+    with torch.no_grad():  # the base weights only: A and B stay as litgpt drew them
+        layer.linear.weight.copy_(to_torch(case.weight, case.dtype))
+        if case.bias is not None:
+            layer.linear.bias.copy_(to_torch(case.bias, case.dtype))
+    layer.eval()
+    with torch.no_grad():
+        y = layer(to_torch(case.x, case.dtype))
+    return {"lora_A": to_numpy(layer.lora_A), "lora_B": to_numpy(layer.lora_B), "y": to_numpy(y),
+            "weight": to_numpy(layer.linear.weight)}  # fmt: skip
 
 
 def model_forward_backward(case: ModelCase) -> dict:

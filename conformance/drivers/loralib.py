@@ -16,6 +16,16 @@ Mapping (loralib/layers.py):
   zero. Forward/backward cases therefore build the layer with ``merge_weights=False`` (eval mode then only
   switches dropout off); ``layer_merge`` uses the default ``merge_weights=True`` and ``.eval()`` / ``.train()``,
   which is loralib's merge API.
+* initialisation (``layer_init``, law ``kaiming_uniform``): ``Linear.reset_parameters`` (and ``MergedLinear``'s,
+  the same code) draws ``kaiming_uniform_(lora_A, a=√5)`` on the (r, in) tensor, i.e. A ~ U(±1/√in), and
+  ``zeros_(lora_B)``. The layer is built under ``torch.manual_seed(case.seed)`` in the case's dtype (loralib
+  passes ``dtype`` on to ``nn.Linear``; ``lora_A`` is ``weight.new_zeros``); even seeds build ``Linear``, odd
+  seeds ``MergedLinear(enable_lora=[True])`` (one full-width group: loralib's fused class on a plain layer).
+* float16 / bfloat16: the same layers in that dtype (torch runs both on the CPU).
+* per-slice merge (``layer.merge_qkv_slices.*`` / ``layer.unmerge_qkv_slices.*``, capability
+  ``merge_qkv_slices``): ``MergedLinear``'s ``.eval()`` / ``.train()`` with the case's slices enabled.
+* what loralib has that the layer protocol cannot draw: ``Embedding`` (A zeros, B normal: another init, on an
+  embedding table) and ``Conv1d/2d/3d`` (``ConvLoRA``).
 """
 
 from __future__ import annotations
@@ -28,12 +38,14 @@ from conformance.drivers._ecosystem import (
     keep_mask_dropout,
     lora_names,
     refuse_unsupported,
+    refuse_unsupported_init,
     to_numpy,
     to_torch,
+    torch_dtype,
     torch_layer_results,
     trainable_names,
 )
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.protocol import Capabilities, LayerCase, LayerInitCase, ModelCase, NotSupported
 
 name = "loralib"
 capabilities = Capabilities(
@@ -44,14 +56,26 @@ capabilities = Capabilities(
     dropout_mask_injection=True,
     bias_modes=frozenset({"none", "all", "lora_only"}),
     per_slice_qkv=True,
-    dtypes=frozenset({"float64", "float32", "bfloat16"}),
+    dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
     merge=True,
+    merge_qkv_slices=True,  # MergedLinear(enable_lora=[q, k, v]): .eval() merges each slice, .train() unmerges
+    layer_init_methods=frozenset({"kaiming_uniform"}),
     notes={
         "model_level": "loralib ships layers only; Microsoft's GPT-2 example swaps c_attn for MergedLinear by hand",
+        "merge_qkv_slices": "mapped: MergedLinear(enable_lora=[...]) with merge_weights=True: .eval() puts each "
+        "slice's s·B A in its own output rows (zero_pad), .train() removes it",
         "rslora": "loralib scales by lora_alpha / r only",
         "layer_layouts": "conv1d is loralib's fan_in_fan_out=True",
         "merge": "merge_weights=True: .eval() merges, .train() unmerges",
         "bias_modes": "mark_only_lora_as_trainable(bias=...); at layer level 'all' and 'lora_only' coincide",
+        "layer_init_methods": "Linear / MergedLinear.reset_parameters: kaiming_uniform_(lora_A, a=sqrt(5)), "
+        "zeros_(lora_B), the only init loralib has (no init argument)",
+        "layer_lora_bias": "lora_B is an nn.Parameter (out, r) with no bias (loralib/layers.py)",
+        "layer_dora": "loralib 0.1.2 has no DoRA (layers.py: Embedding, Linear, MergedLinear, ConvLoRA only)",
+        "layer_dora_full_norm": "loralib 0.1.2 has no DoRA",
+        "layer_dora_merge": "loralib 0.1.2 has no DoRA",
+        "layer_multi_adapter": "one lora_A / lora_B per layer: no adapter names, no second adapter",
+        "layer_mixed_batch": "one adapter per layer: no per-row adapter selection",
     },
 )
 
@@ -142,6 +166,34 @@ def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
         merged_y = to_numpy(layer(to_torch(case.x, case.dtype)))
     layer.train()  # and unmerges here
     return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": to_numpy(layer.weight)}
+
+
+def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
+    """loralib's own init on a layer holding ``case.weight`` / ``case.bias``: ``lora_A`` (r, in) and ``lora_B``
+    (out, r) as ``reset_parameters`` drew them (A ~ U(±1/√in): ``kaiming_uniform_(a=√5)``; B = 0), ``y`` (B, T, out),
+    the eval forward at init, and ``weight`` in the case's layout. Even seeds: ``Linear``; odd seeds:
+    ``MergedLinear(enable_lora=[True])`` (one group covering every output)."""
+    import loralib
+    import torch
+
+    refuse_unsupported_init(case, capabilities, name)
+    in_f, out_f = (case.weight.shape[1], case.weight.shape[0]) if case.layout == "linear" else case.weight.shape
+    common = dict(r=case.r, lora_alpha=case.lora_alpha, fan_in_fan_out=case.layout == "conv1d", merge_weights=False,
+                  bias=case.bias is not None, dtype=torch_dtype(case.dtype))  # fmt: skip
+    torch.manual_seed(case.seed)
+    if case.seed % 2:
+        layer = loralib.MergedLinear(in_f, out_f, enable_lora=[True], **common)
+    else:
+        layer = loralib.Linear(in_f, out_f, **common)
+    with torch.no_grad():  # the base weights only: A and B stay as loralib drew them
+        layer.weight.copy_(to_torch(case.weight, case.dtype))  # (out, in), or (in, out) under fan_in_fan_out
+        if case.bias is not None:
+            layer.bias.copy_(to_torch(case.bias, case.dtype))
+    layer.eval()  # merge_weights=False: eval only switches dropout off
+    with torch.no_grad():
+        y = layer(to_torch(case.x, case.dtype))
+    return {"lora_A": to_numpy(layer.lora_A), "lora_B": to_numpy(layer.lora_B), "y": to_numpy(y),
+            "weight": to_numpy(layer.weight)}  # fmt: skip
 
 
 def model_forward_backward(case: ModelCase) -> dict:

@@ -4,6 +4,11 @@
   ``Conv1D`` (conv1d layout; PEFT sets ``fan_in_fan_out=True`` for it). The layer is wrapped in a one-module
   holder and adapted with PEFT's public ``inject_adapter_in_model``, so PEFT itself decides what trains (its
   ``bias`` modes included): the driver reports what PEFT marks ``requires_grad``.
+  The same layer serves DoRA merge / unmerge (``layer_merge`` with a magnitude: PEFT's ``merge()`` /
+  ``unmerge()``), PEFT's own inits (``layer_init``: ``init_lora_weights`` True / "gaussian" / False, torch seeded
+  with the case's seed) and several adapters (``layer_adapters``: one ``inject_adapter_in_model`` per adapter
+  name, ``set_adapter([...])``, ``enable_adapters(False)``, the forward's ``adapter_names=``), in float64,
+  float32, bfloat16 and float16.
 * Model level: transformers ``GPT2LMHeadModel`` + ``get_peft_model`` (see ``peft_bridge``), adapter files
   with ``save_pretrained`` / ``PeftModel.from_pretrained``, adapters switched with ``add_adapter`` /
   ``set_adapter``.
@@ -36,8 +41,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from conformance.drivers import peft_bridge as bridge
-from conformance.protocol import COMBINED, AdaptersCase, Capabilities, LayerCase, ModelCase, NotSupported, targeted_keys
+from conformance.protocol import (
+    COMBINED,
+    AdaptersCase,
+    Capabilities,
+    LayerAdaptersCase,
+    LayerCase,
+    LayerInitCase,
+    ModelCase,
+    NotSupported,
+    targeted_keys,
+)
 from reflora.targets import plan_lora
+from reflora.weighted import DARE_TYPES, mask_keys
 
 PER_SLICE_NOTE = (
     "PEFT has no per-slice q/k/v LoRA: on a fused c_attn it adapts the whole (in, 3·n_embd) projection with one "
@@ -53,8 +69,14 @@ class _Holder(torch.nn.Module):
         self.layer = layer
 
 
+# the layer level also runs in float16 (layer.float16.*); torch runs float16 matmuls on the CPU
+_DTYPES = {**bridge.TORCH_DTYPES, "float16": torch.float16}
+# conformance.init_laws law -> PEFT's init_lora_weights (tuners/lora/layer.py, LoraLayer.reset_lora_parameters)
+LAYER_INITS = {"kaiming_uniform": True, "gaussian": "gaussian", "peft_false": False}
+
+
 def _t(array, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, dtype=np.float64)).to(bridge.TORCH_DTYPES[dtype])
+    return torch.from_numpy(np.array(array, dtype=np.float64)).to(_DTYPES[dtype])
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -81,7 +103,7 @@ class PeftDriver:
         dropout_mask_injection=True,
         bias_modes=frozenset({"none", "all", "lora_only"}),
         per_slice_qkv=False,
-        dtypes=frozenset({"float64", "float32", "bfloat16"}),
+        dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
         target_modules_list=True,
         target_modules_regex=True,
         layers_to_transform=True,
@@ -91,6 +113,8 @@ class PeftDriver:
         runtime_scaling=True,
         embedding_lora=True,
         trainable_tokens=True,
+        modules_to_save=True,
+        ensure_weight_tying=True,
         position_ids=True,
         padding=True,
         merge=True,
@@ -102,19 +126,28 @@ class PeftDriver:
         lora_bias=True,
         layer_lora_bias=True,
         layer_dora=True,
+        layer_dora_merge=True,
+        layer_init_methods=frozenset(LAYER_INITS),
+        layer_multi_adapter=True,
+        layer_mixed_batch=True,
         init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora", "orthogonal", "pissa_niter"}),
         multi_adapter=True,
         mixed_batch=True,
         weighted_combinations=frozenset(
-            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"}
+            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd", *DARE_TYPES}
         ),
         notes={
             "per_slice_qkv": PER_SLICE_NOTE,
             "layer_dora_full_norm": "PEFT's DoRA always detaches the weight norm (tuners/lora/dora.py, "
             "DoraLinearLayer.forward: weight_norm = weight_norm.detach(), as the DoRA paper §4.3 suggests)",
             "init_methods": "PiSSA and OLoRA run in float32 (PEFT refuses float64 for them)",
+            "layer_init_methods": "PEFT's random inits are init_lora_weights=True (kaiming_uniform), 'gaussian' and "
+            "False (peft_false) (LoraLayer.reset_lora_parameters); the other laws of conformance.init_laws are other "
+            "libraries' inits (PEFT's LoRA has no he_uniform, BERT or VeRA-style init)",
             "dropout_mask_injection": "lora_dropout['default'] is replaced by x·mask/(1 − p), what nn.Dropout "
             "computes for that mask",
+            "weighted_combinations": "DARE's keep-masks are injected: torch.bernoulli, which merge_utils."
+            "random_pruning calls once per task tensor, returns the case's masks in PEFT's call order",
         },
     )
 
@@ -127,13 +160,12 @@ class PeftDriver:
 
     # ------------------------------------------------------------------ layer level
 
-    def _layer(self, case: LayerCase) -> _Holder:
-        if case.qkv_slices:
-            raise NotSupported(PER_SLICE_NOTE)
-        if case.dora_norm != "detached":
-            raise NotSupported("PEFT's DoRA always detaches the weight norm (lora/dora.py: weight_norm.detach())")
-        dtype = bridge.TORCH_DTYPES[case.dtype]
-        in_f, out_f = case.x.shape[-1], case.dy.shape[-1]
+    @staticmethod
+    def _base_layer(case: LayerCase | LayerInitCase | LayerAdaptersCase) -> torch.nn.Module:
+        """The base layer with the case's weight and bias: ``nn.Linear`` (linear) or transformers' ``Conv1D``."""
+        dtype = _DTYPES[case.dtype]
+        in_f = case.x.shape[-1]
+        out_f = case.weight.shape[0] if case.layout == "linear" else case.weight.shape[1]
         if case.layout == "linear":
             base = torch.nn.Linear(in_f, out_f, bias=case.bias is not None)
         else:
@@ -145,7 +177,15 @@ class PeftDriver:
             base.weight.copy_(torch.from_numpy(case.weight))
             if case.bias is not None:
                 base.bias.copy_(torch.from_numpy(case.bias))
-        holder = _Holder(base).to(dtype)
+        return base
+
+    def _layer(self, case: LayerCase) -> _Holder:
+        if case.qkv_slices:
+            raise NotSupported(PER_SLICE_NOTE)
+        if case.dora_norm != "detached":
+            raise NotSupported("PEFT's DoRA always detaches the weight norm (lora/dora.py: weight_norm.detach())")
+        dtype = _DTYPES[case.dtype]
+        holder = _Holder(self._base_layer(case)).to(dtype)
         bias_mode = "lora_only" if case.bias_trainable else "none"
         config = PeftLoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=case.lora_dropout,
                                 use_rslora=case.use_rslora, bias=bias_mode, target_modules=["layer"],
@@ -192,6 +232,74 @@ class PeftDriver:
             layer.unmerge()
             unmerged_weight = _np(layer.base_layer.weight)
         return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": unmerged_weight}
+
+    def layer_init(self, case: LayerInitCase) -> dict:
+        """PEFT's own init (``init_lora_weights`` of the law, torch seeded with ``case.seed`` right before the
+        injection that draws it); with ``use_dora`` PEFT also sets the magnitude at injection."""
+        if case.init not in LAYER_INITS:
+            raise NotSupported(f"init law {case.init!r}: {self.capabilities.notes['layer_init_methods']}")
+        dtype = _DTYPES[case.dtype]
+        holder = _Holder(self._base_layer(case)).to(dtype)
+        config = PeftLoraConfig(r=case.r, lora_alpha=case.lora_alpha, use_rslora=case.use_rslora,
+                                target_modules=["layer"], fan_in_fan_out=case.layout == "conv1d",
+                                use_dora=case.use_dora, init_lora_weights=LAYER_INITS[case.init])  # fmt: skip
+        torch.manual_seed(case.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            holder = inject_adapter_in_model(config, holder)
+        holder.to(dtype)
+        holder.eval()
+        layer = holder.layer
+        with torch.no_grad():
+            out = {"lora_A": _np(layer.lora_A["default"].weight), "lora_B": _np(layer.lora_B["default"].weight),
+                   "y": _np(layer(_t(case.x, case.dtype))), "weight": _np(layer.base_layer.weight)}  # fmt: skip
+            if case.use_dora:
+                out["magnitude"] = _np(layer.lora_magnitude_vector["default"].weight)
+        return out
+
+    def layer_adapters(self, case: LayerAdaptersCase) -> dict:
+        """Every adapter injected under its name (``inject_adapter_in_model(..., adapter_name=name)``, in dict
+        order), A and B copied in; ``set_adapter(case.active)`` (a list: several active), ``enable_adapters(False)``
+        for ``[]``, or the forward's ``adapter_names=`` (PEFT's mixed batch, ``"__base__"`` rows)."""
+        dtype = _DTYPES[case.dtype]
+        holder = _Holder(self._base_layer(case)).to(dtype)
+        for name, a in case.adapters.items():
+            config = PeftLoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], use_rslora=a["use_rslora"],
+                                    target_modules=["layer"], fan_in_fan_out=case.layout == "conv1d")  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                holder = inject_adapter_in_model(config, holder, adapter_name=name)
+        holder.to(dtype)
+        holder.eval()
+        layer = holder.layer
+        with torch.no_grad():
+            for name, a in case.adapters.items():
+                layer.lora_A[name].weight.copy_(torch.from_numpy(a["lora_A"]))
+                layer.lora_B[name].weight.copy_(torch.from_numpy(a["lora_B"]))
+        kwargs = {}
+        if case.adapter_names is not None:
+            acting = [name for name in case.adapters if name in case.adapter_names]
+            layer.set_adapter(acting)
+            kwargs["adapter_names"] = list(case.adapter_names)
+        elif case.active:
+            acting = list(case.active)
+            layer.set_adapter(acting)
+        else:
+            acting = []
+            layer.enable_adapters(False)
+        params = {}
+        for name in acting:
+            params[f"{name}.lora_A"], params[f"{name}.lora_B"] = layer.lora_A[name].weight, layer.lora_B[name].weight
+        x = _t(case.x, case.dtype).requires_grad_(True)
+        y = layer(x, **kwargs)
+        grads = torch.autograd.grad((y * _t(case.dy, case.dtype)).sum(), [x, *params.values()], allow_unused=True)
+        out = {"y": _np(y), "dx": _np(grads[0]), "grads": {}}
+        # every acting adapter is in PEFT's forward (set_adapter / a row of adapter_names), so a None gradient means
+        # PEFT dropped it: leave the key out and the check reports it missing (no zeros standing in)
+        for key, grad in zip(params, grads[1:], strict=True):
+            if grad is not None:
+                out["grads"][key] = _np(grad)
+        return out
 
     # ------------------------------------------------------------------ model level
 
@@ -342,7 +450,8 @@ class PeftDriver:
     def weighted_adapter(self, case: AdaptersCase) -> dict:
         model = bridge.build_peft_adapters(case.config, case.params, case.adapters, case.dtype)
         c = case.combination
-        with warnings.catch_warnings():
+        masks = _dare_masks_in_peft_order(model, case) if case.keep_masks else None
+        with warnings.catch_warnings(), _injected_bernoulli(masks):
             warnings.simplefilter("ignore")
             model.add_weighted_adapter(list(c["names"]), list(c["weights"]), COMBINED,
                                        combination_type=c["combination_type"], svd_rank=c["svd_rank"],
@@ -366,6 +475,72 @@ class PeftDriver:
         if bias_deltas:
             out["bias_deltas"] = bias_deltas
         return out
+
+
+def _dare_masks_in_peft_order(model, case: AdaptersCase) -> list[torch.Tensor]:
+    """``case.keep_masks`` as the list of tensors PEFT's ``random_pruning`` draws, in its call order:
+    ``add_weighted_adapter`` walks ``model.named_modules()`` (LoRA layers holding a source), and per module
+    ``_generalized_task_arithmetic_weighted_adapter`` prunes the A_i of the sources present (in ``names``
+    order) then their B_i, while ``_svd_generalized_task_arithmetic_weighted_adapter`` prunes each
+    ``get_delta_weight`` ΔW_i, which for a Conv1D (``fan_in_fan_out``) or an Embedding is (in, out): the
+    transpose of the reference's (out, in) mask."""
+    c = case.combination
+    names = list(c["names"])
+    plans = {n: plan_lora(case.config, case.adapters[n][0]) for n in names}
+    out = []
+    for name, module in model.named_modules():
+        if "lora_" in name or not hasattr(module, "lora_A"):
+            continue
+        module_name = name.removeprefix(bridge.ADAPTER_PREFIX)
+        present = [n for n in names if n in module.lora_A or n in module.lora_embedding_A]
+        if not present:
+            continue
+        keys = mask_keys(c["combination_type"], plans[present[0]][module_name])
+        embedding = any(n in module.lora_embedding_A for n in present)
+        transposed = len(keys) == 1 and (getattr(module, "fan_in_fan_out", False) or embedding)
+        for key in keys:
+            masks = case.keep_masks[key]
+            if len(masks) != len(present):
+                raise ValueError(f"keep_masks[{key!r}]: {len(masks)} masks, PEFT prunes {len(present)} sources")
+            out += [torch.from_numpy(np.ascontiguousarray(m.T if transposed else m)) for m in masks]
+    return out
+
+
+class _injected_bernoulli:
+    """While active, ``torch.bernoulli(p)`` returns the next of ``masks`` (None: torch's own), after checking
+    that its shape is p's and that p is constant (PEFT's ``torch.full_like(tensor, density)``): a wrong order
+    or layout fails loudly. On exit every mask must have been used."""
+
+    def __init__(self, masks: list[torch.Tensor] | None):
+        self.masks = None if masks is None else list(masks)
+
+    def __enter__(self):
+        if self.masks is None:
+            return self
+        self.original, self.used = torch.bernoulli, 0
+
+        def bernoulli(p, *args, **kwargs):
+            if self.used >= len(self.masks):
+                raise AssertionError(f"PEFT drew mask {self.used + 1}, the case has {len(self.masks)}")
+            mask = self.masks[self.used]
+            if tuple(p.shape) != tuple(mask.shape):
+                raise AssertionError(f"PEFT's mask {self.used} has shape {tuple(p.shape)}, the case's "
+                                     f"{tuple(mask.shape)}: the call order or layout differs")  # fmt: skip
+            if p.numel() and not bool((p == p.reshape(-1)[0]).all()):
+                raise AssertionError("torch.bernoulli called with a non-constant probability: not PEFT's DARE")
+            self.used += 1
+            return mask.to(dtype=p.dtype, device=p.device)
+
+        torch.bernoulli = bernoulli
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if self.masks is None:
+            return False
+        torch.bernoulli = self.original
+        if kind is None and self.used != len(self.masks):
+            raise AssertionError(f"PEFT drew {self.used} DARE masks, the case has {len(self.masks)}")
+        return False
 
 
 driver = PeftDriver()

@@ -5,7 +5,8 @@ autograd cross-checks in tests/ and the golden replay all go through it, so the 
 
 * base tensors: HF state-dict keys, loaded strictly (Conv1D weights stay (in, out));
 * adapter tensors: PEFT file key ``base_model.model.<m>.lora_A.weight`` -> live parameter
-  ``base_model.model.<m>.lora_A.default.weight``;
+  ``base_model.model.<m>.lora_A.default.weight``; a modules_to_save copy ``base_model.model.<m>.weight`` ->
+  ``base_model.model.<m>.modules_to_save.default.weight`` (its frozen original: ``...<m>.original_module.weight``);
 * LoRA dropout: PEFT's ``lora_dropout['default']`` (an ``nn.Dropout``) is replaced by a module that
   multiplies by reflora's keep-mask and 1/(1 − p), which is exactly what ``nn.Dropout`` computes for the
   mask it drew. HF's own dropouts are configured to 0 and the model is put in train mode.
@@ -104,7 +105,18 @@ def live_adapter_name(file_key: str) -> str:
     if file_key.endswith((".lora_embedding_A", ".lora_embedding_B", ".trainable_tokens_delta")):
         return f"{file_key}.default"
     head, _, tail = file_key.rpartition(".")  # tail == "weight"
+    if is_saved_key(file_key):  # modules_to_save: the wrapper's copy
+        return f"{head}.modules_to_save.default.{tail}"
     return f"{head}.default.{tail}"
+
+
+def is_saved_key(file_key: str) -> bool:
+    """A modules_to_save copy's file key (``base_model.model.<module>.weight`` / ``.bias``: no ``lora_`` part)."""
+    return (
+        file_key.startswith(ADAPTER_PREFIX)
+        and ".lora_" not in file_key
+        and not file_key.endswith(".trainable_tokens_delta")
+    )
 
 
 def live_base_name(hf_key: str, plan: Mapping) -> str:
@@ -112,6 +124,8 @@ def live_base_name(hf_key: str, plan: Mapping) -> str:
     module, _, leaf = hf_key.rpartition(".")
     if f"{module}.token_adapter" in plan:  # trainable tokens: TrainableTokensWrapper(token_adapter(base_layer))
         return f"{ADAPTER_PREFIX}{module}.token_adapter.base_layer.{leaf}"
+    if f"{module}.modules_to_save" in plan:  # modules_to_save: ModulesToSaveWrapper(original_module, copy)
+        return f"{ADAPTER_PREFIX}{module}.original_module.{leaf}"
     if module in plan:
         return f"{ADAPTER_PREFIX}{module}.base_layer.{leaf}"
     return f"{ADAPTER_PREFIX}{hf_key}"
@@ -146,8 +160,10 @@ def run_peft(
     dropout_masks: Mapping[str, np.ndarray] | None = None,
     wrt: list[str] | None = None,
     dtype: str = "float64",
+    scale_ops=(),
 ) -> dict[str, np.ndarray]:
     """Forward and autograd backward; returns ``logits``, ``loss`` (if labels) and ``grad/<key>`` for ``wrt``.
+    ``scale_ops``: PEFT's runtime scaling calls, applied after the adapter is built (``apply_scale_ops``).
 
     ``wrt`` holds reflora keys (adapter keys, HF base keys, ``inputs_embeds``). Backward runs from the loss,
     or from ``Σ dlogits ⊙ logits`` when ``dlogits`` is given.
@@ -162,6 +178,8 @@ def run_peft(
         plan = plan_lora(config, lora)
         named = dict(model.named_parameters())
         base_name = lambda key: live_base_name(key, plan)  # noqa: E731
+        if scale_ops:
+            apply_scale_ops(model, scale_ops)
         if dropout_masks:
             inject_dropout_masks(model, dropout_masks, lora.lora_dropout, dtype)
     wrt = list(wrt or [])
@@ -366,6 +384,8 @@ def reflora_key(live_name: str) -> str:
     """
     if ".lora_embedding_" in live_name or ".trainable_tokens_delta." in live_name:  # ``<key>.default`` -> ``<key>``
         return live_name.removesuffix(".default")
+    if ".modules_to_save.default." in live_name:  # a modules_to_save copy: its file key
+        return live_name.replace(".modules_to_save.default.", ".")
     if ".lora_" in live_name:
         return live_name.replace(".default.", ".")
     return live_name.removeprefix(ADAPTER_PREFIX).replace(".base_layer.", ".")

@@ -7,17 +7,31 @@ of the deliberately wrong drivers in tests/mutants/, and a small worked example 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from conformance import expectations
-from conformance.protocol import AdaptersCase, Capabilities, LayerCase, ModelCase, NotSupported, targeted_keys
+from conformance.protocol import (
+    AdaptersCase,
+    Capabilities,
+    LayerAdaptersCase,
+    LayerCase,
+    LayerInitCase,
+    ModelCase,
+    NotSupported,
+    targeted_keys,
+)
 from reflora import __version__, load_adapter, save_adapter, save_gpt2
-from reflora.lora_init import init_adapter
+from reflora.lora_init import init_adapter, init_lora_module
 from reflora.merge import MergeError, merge_adapters, unmerge_adapters
 from reflora.model import gpt2_forward
 from reflora.targets import plan_lora, trainable_bias_keys
+from reflora.weighted import DARE_TYPES
+
+# conformance.init_laws law -> reflora.lora_init's init (PEFT's init_lora_weights)
+LAYER_INITS = {"kaiming_uniform": True, "gaussian": "gaussian", "peft_false": False}
 
 
 class ReferenceDriver:
@@ -39,9 +53,12 @@ class ReferenceDriver:
         runtime_scaling=True,
         embedding_lora=True,
         trainable_tokens=True,
+        modules_to_save=True,
+        ensure_weight_tying=True,
         position_ids=True,
         padding=True,
         merge=True,
+        merge_qkv_slices=True,  # conformance.expectations.layer_merge: each slice's delta in its own rows
         adapter_files=True,
         adapter_switching=True,
         model_merge=True,
@@ -51,13 +68,22 @@ class ReferenceDriver:
         layer_lora_bias=True,
         layer_dora=True,
         layer_dora_full_norm=True,
+        layer_dora_merge=True,
+        layer_init_methods=frozenset(LAYER_INITS),
+        layer_multi_adapter=True,
+        layer_mixed_batch=True,
         init_methods=frozenset({"true", "gaussian", "false", "pissa", "olora", "orthogonal", "pissa_niter"}),
         multi_adapter=True,
         mixed_batch=True,
         weighted_combinations=frozenset(
-            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd"}
+            {"cat", "linear", "svd", "ties", "magnitude_prune", "ties_svd", "magnitude_prune_svd", *DARE_TYPES}
         ),
-        notes={"dtypes": "NumPy has no bfloat16"},
+        notes={
+            "dtypes": "NumPy has no bfloat16; reflora's evaluations run in float64 / float32 only "
+            "(conformance.expectations.NUMPY_DTYPES), so no float16",
+            "layer_init_methods": "reflora.lora_init has PEFT's random inits only (True, 'gaussian', False): "
+            "the other laws of conformance.init_laws are other libraries' inits",
+        },
     )
 
     def versions(self) -> dict[str, str]:
@@ -79,6 +105,21 @@ class ReferenceDriver:
 
     def layer_merge(self, case: LayerCase) -> dict:
         return expectations.layer_merge(case, self._dtype(case))
+
+    def layer_init(self, case: LayerInitCase) -> dict:
+        """reflora.lora_init.init_lora_module with the law's init, seeded with case.seed; y at init and the DoRA
+        magnitude from conformance.expectations.layer_init_expectation (reflora's ops)."""
+        if case.init not in LAYER_INITS:
+            raise NotSupported(f"init law {case.init!r}: {self.capabilities.notes['layer_init_methods']}")
+        dtype = self._dtype(case)
+        weight = expectations.cast(case.weight, dtype)
+        A, B, new_weight = init_lora_module(LAYER_INITS[case.init], weight, case.r, case.scaling,
+                                            np.random.default_rng(case.seed), case.layout)  # fmt: skip
+        out = expectations.layer_init_expectation(dataclasses.replace(case, weight=new_weight), A, B, dtype)
+        return {"lora_A": A, "lora_B": B, **out}
+
+    def layer_adapters(self, case: LayerAdaptersCase) -> dict:
+        return expectations.layer_adapters_forward_backward(case, self._dtype(case))
 
     def model_forward_backward(self, case: ModelCase) -> dict:
         return expectations.model_forward_backward(case, self._dtype(case))

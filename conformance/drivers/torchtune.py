@@ -13,8 +13,23 @@ Mapping (torchtune/modules/peft/lora.py):
   weight into a plain ``nn.Linear`` for the forward after merging); there is no unmerge (capability
   unmerge=False).
 
-``dora_forward_backward`` drives ``DoRALinear`` the same way (there is no DoRA in the protocol or the reference;
-the harness in tests/test_drivers_ecosystem.py checks it against the DoRA paper's closed form).
+* DoRA (``layer.dora.*``): ``DoRALinear`` with the case's magnitude loaded; its merge
+  (``layer.dora_merge.linear``) is ``get_merged_lora_ckpt`` on the DoRA state dict (it holds ``magnitude``, so
+  the function merges ``m ⊙ V/‖V‖_row``); no DoRA unmerge either.
+* initialisation (``layer_init``, law ``kaiming_uniform``): ``LoRALinear`` / ``DoRALinear.initialize_parameters``
+  draw ``kaiming_uniform_(lora_a.weight, a=√5)`` on the (r, in) weight (A ~ U(±1/√in)) and ``zeros_`` on
+  ``lora_b.weight``, under ``torch.manual_seed(case.seed)``; the layer is built in torch's default float32 and
+  cast with ``.to(dtype)`` (torchtune's recipes use ``torchtune.training.set_default_dtype``, which does not import
+  next to the env's torchao 0.17: ``int4_weight_only`` is gone). DoRA init (``layer.dora_init.linear``):
+  ``initialize_dora_magnitude()`` after the base weight is loaded, as its docstring requires (m = ‖W + s·B A‖ per
+  row, = ‖W‖ at init).
+* float16 / bfloat16: the same layers in that dtype.
+* what torchtune has that the protocol does not draw or that is not LoRA's arithmetic: ``quantize_base=True``
+  (the base weight in NF4, torchao), ``QATLoRALinear`` (fake-quantized activations and weights), the ``disabled``
+  flag / ``disable_adapter`` (one adapter per layer; the layer-level disabled feature needs several).
+
+``dora_forward_backward`` / ``dora_merge`` take an explicit magnitude (or torchtune's own init) for the harness in
+tests/test_drivers_ecosystem.py.
 """
 
 from __future__ import annotations
@@ -26,12 +41,13 @@ import numpy as np
 from conformance.drivers._ecosystem import (
     keep_mask_dropout,
     refuse_unsupported,
+    refuse_unsupported_init,
     to_numpy,
     to_torch,
     torch_layer_results,
     trainable_names,
 )
-from conformance.protocol import Capabilities, LayerCase, ModelCase, NotSupported
+from conformance.protocol import Capabilities, LayerCase, LayerInitCase, ModelCase, NotSupported
 
 name = "torchtune"
 capabilities = Capabilities(
@@ -42,10 +58,12 @@ capabilities = Capabilities(
     dropout_mask_injection=True,
     bias_modes=frozenset({"none"}),
     per_slice_qkv=False,
-    dtypes=frozenset({"float64", "float32", "bfloat16"}),
+    dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
     merge=True,
     unmerge=False,
     layer_dora=True,  # DoRALinear (its norm is detached, dora.py forward)
+    layer_dora_merge=True,  # get_merged_lora_ckpt on a state dict holding magnitude
+    layer_init_methods=frozenset({"kaiming_uniform"}),
     notes={
         "model_level": "torchtune has no GPT-2 builder (its models are Llama-style, with separate q/k/v projections)",
         "layer_layouts": "LoRALinear stores weight as (out, in) only",
@@ -55,6 +73,10 @@ capabilities = Capabilities(
         "unmerge": "get_merged_lora_ckpt merges a state dict for export; there is no unmerge",
         "layer_dora_full_norm": "DoRALinear.forward detaches the weight norm (modules/peft/dora.py)",
         "layer_lora_bias": "LoRALinear's lora_b is nn.Linear(rank, out, bias=False): B has no bias",
+        "layer_init_methods": "initialize_parameters: kaiming_uniform_(lora_a.weight, a=sqrt(5)), zeros_(lora_b."
+        "weight), the only init LoRALinear / DoRALinear have (no init argument)",
+        "layer_multi_adapter": "one lora_a / lora_b per LoRALinear: no adapter names, no second adapter",
+        "layer_mixed_batch": "one adapter per layer: no per-row adapter selection",
     },
 )
 
@@ -171,9 +193,44 @@ def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
     """``get_merged_lora_ckpt`` on the layer's state dict: ``merged_weight`` (out, in), and ``merged_y`` from
-    an ``nn.Linear`` holding the merged state dict (what torchtune's export produces); no unmerge."""
+    an ``nn.Linear`` holding the merged state dict (what torchtune's export produces); no unmerge. With
+    ``case.magnitude`` (``layer.dora_merge.*``) the layer is a ``DoRALinear`` holding that magnitude, and the same
+    function merges W' = m ⊙ V/‖V‖_row, V = W + s·B A."""
     refuse_unsupported(case, capabilities, name)
+    if case.magnitude is not None:
+        return _merged_state(case, _dora_layer(case, case.magnitude))
     return _merged_state(case, _build(case))
+
+
+def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
+    """torchtune's own init on a layer holding ``case.weight`` (out, in) / ``case.bias``: ``LoRALinear`` (or
+    ``DoRALinear`` with ``case.use_dora``, then ``initialize_dora_magnitude()``) built under
+    ``torch.manual_seed(case.seed)``. Returns ``lora_A`` (r, in) = ``lora_a.weight``, ``lora_B`` (out, r) =
+    ``lora_b.weight`` as drawn (A ~ U(±1/√in), B = 0), ``y`` (B, T, out) in eval mode, ``weight`` (out, in), and
+    ``magnitude`` (out,) for DoRA."""
+    import torch
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    refuse_unsupported_init(case, capabilities, name)
+    out_f, in_f = case.weight.shape
+    torch.manual_seed(case.seed)
+    cls = DoRALinear if case.use_dora else LoRALinear
+    layer = cls(in_f, out_f, rank=case.r, alpha=case.lora_alpha, use_bias=case.bias is not None)
+    layer = layer.to(to_torch(case.x, case.dtype).dtype)
+    with torch.no_grad():  # the base weights only: lora_a / lora_b stay as torchtune drew them
+        layer.weight.copy_(to_torch(case.weight, case.dtype))
+        if case.bias is not None:
+            layer.bias.copy_(to_torch(case.bias, case.dtype))
+    if case.use_dora:
+        layer.initialize_dora_magnitude()  # "must be called after loading/initializing base model and LoRA params"
+    layer.eval()
+    with torch.no_grad():
+        y = layer(to_torch(case.x, case.dtype))
+    out = {"lora_A": to_numpy(layer.lora_a.weight), "lora_B": to_numpy(layer.lora_b.weight), "y": to_numpy(y),
+           "weight": to_numpy(layer.weight)}  # fmt: skip
+    if case.use_dora:
+        out["magnitude"] = to_numpy(layer.magnitude)
+    return out
 
 
 def model_forward_backward(case: ModelCase) -> dict:

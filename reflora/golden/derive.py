@@ -19,11 +19,13 @@ import numpy as np
 from reflora._version import __version__
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.golden.spec import (
+    DARE_MASK_PREFIX,
     DEFAULT_ADAPTER,
     FORMAT,
     FULL_GRADIENT_PREFIX,
     adapter_configs,
     adapter_prefix,
+    dare_mask_layout,
     dropout_masks_drawn,
     dropout_prefix,
     fixture_layout,
@@ -31,6 +33,7 @@ from reflora.golden.spec import (
     gradient_keys,
     load_spec,
     merged_keys,
+    scale_multiplier,
     spec_configs,
     stored_spec_json,
 )
@@ -39,8 +42,9 @@ from reflora.lora_init import init_adapter
 from reflora.merge import merge_and_unload
 from reflora.model import gpt2_backward, gpt2_forward, gpt2_loss_and_grads
 from reflora.ops.crossentropy import IGNORE_INDEX
+from reflora.scaling import scaled_lora
 from reflora.targets import plan_lora
-from reflora.weighted import add_weighted_adapter
+from reflora.weighted import add_weighted_adapter, draw_dare_masks
 
 RANDOM_PADDING_P = 0.5  # padding="random": each position (but the last of a row) is padding with this probability
 
@@ -49,8 +53,10 @@ def draw_case(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Every input tensor of a filled spec, drawn from ``Generator(PCG64(seed))`` in this order:
 
     1. base: ``init_gpt2_params`` (every base tensor, ``base_shapes`` order)
-    2. adapter (if lora): ``init_adapter(params, config, lora, rng, init="test")``: per module in model order,
-       per branch A, B (never zero), b_B (``lora_bias``), then DoRA's m = ‖Wᵀ + s·B A‖ ⊙ U(0.5, 1.5); under
+    2. adapter (if lora): ``init_adapter(params, config, lora, rng, init="test")``: the trainable-token rows
+       ~ N(0, 1); per LoRA module in model order, per branch A, B (never zero), b_B (``lora_bias``), then DoRA's
+       m = ‖Wᵀ + s·B A‖ ⊙ U(0.5, 1.5); then each modules_to_save copy in model order, drawn as its base tensor
+       (``draw_base_like``; a tied ``lm_head`` shares wte's copy and draws nothing); under
        ``adapter_init="peft"`` ``lora.init_lora_weights`` instead (PiSSA/OLoRA: base/ becomes the residual,
        original/base/ keeps the weights before). Then each extra adapter (``adapters``), sorted by name
     3. input_ids: ``rng.integers(0, vocab_size, (B, T))``
@@ -65,6 +71,8 @@ def draw_case(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     8. dlogits (objective "dlogits"): ``rng.standard_normal((B, T, V))``
     9. ``zero_norm_rows`` (no draw): each entry's output row of ``base/<module>.weight`` and of its lora_B set
        to 0 (the DoRA magnitude keeps its drawn value)
+    10. DARE keep-masks (``weighted`` of a ``dare_*`` type, density < 1): ``rng.random(shape) < density`` for
+       each ``dare_mask/<key>/<i>`` in ``dare_mask_layout`` order (``reflora.weighted.draw_dare_masks``)
 
     Values are drawn in float64 and cast to ``spec["dtype"]``.
     """
@@ -130,6 +138,10 @@ def draw_case(spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
         (branch,) = plan_lora(config, lora)[entry["module"]].branches
         tensors[f"base/{entry['module']}.weight"][:, entry["row"]] = 0
         tensors[f"adapter/{branch.b_key}"][entry["row"], :] = 0
+    layout = dare_mask_layout(spec)  # 10. last, so that every draw above is unchanged
+    if layout:
+        masks = draw_dare_masks({name: [shape] for name, shape in layout.items()}, spec["weighted"]["density"], rng)
+        tensors.update({name: group[0].astype(dtype) for name, group in masks.items()})
     return tensors
 
 
@@ -162,6 +174,7 @@ class GoldenCase:
     adapter_names: list[str] | None = None  # one per sample, "__base__" for none; None: every adapter active
     original_params: dict[str, np.ndarray] = field(default_factory=dict)  # PiSSA/OLoRA: weights before the init
     derived: dict[str, np.ndarray] = field(default_factory=dict)  # the stored merged/... and weighted/... tensors
+    dare_masks: dict[str, list[np.ndarray]] | None = None  # DARE keep-masks: mask key -> one per source
 
     @property
     def multi(self) -> bool:
@@ -187,11 +200,12 @@ class GoldenCase:
                 "adapter_names": self.adapter_names,
                 "dropout_masks": masks or None,
             }
+        multiplier = scale_multiplier(self.spec)  # spec.scale_ops: every module's scaling times m
         return {
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
             "adapter": self.adapter,
-            "lora": self.lora,
+            "lora": self.lora if self.lora is None or multiplier == 1 else scaled_lora(self.lora, multiplier),
             "dropout_masks": self.dropout_masks,
         }
 
@@ -223,7 +237,17 @@ def unpack_fixture(spec: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -
         extra_dropout_masks={n: group(dropout_prefix(n)) for n in extras if group(dropout_prefix(n))},
         adapter_names=spec["adapter_names"], original_params=group("original/base/"),
         derived={k: v for k, v in tensors.items() if k.startswith(("merged/", "weighted/", FULL_GRADIENT_PREFIX))},
+        dare_masks=_dare_masks(spec, tensors),
     )  # fmt: skip
+
+
+def _dare_masks(spec: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]] | None:
+    """The ``dare_mask/<key>/<i>`` tensors grouped as ``add_weighted_adapter``'s ``keep_masks``, or None."""
+    masks: dict[str, list[np.ndarray]] = {}
+    for name in dare_mask_layout(spec):
+        key = name.removeprefix(DARE_MASK_PREFIX).rsplit("/", 1)[0]
+        masks.setdefault(key, []).append(tensors[name])
+    return masks or None
 
 
 def compute_outputs(case: GoldenCase) -> dict[str, np.ndarray]:
@@ -256,7 +280,7 @@ def compute_outputs(case: GoldenCase) -> dict[str, np.ndarray]:
         combined, tensors = add_weighted_adapter(
             case.config, case.all_adapters(), weighted["adapters"], weighted["weights"],
             weighted["combination_type"], weighted["svd_rank"], weighted.get("density"),
-            weighted.get("majority_sign_method", "total"),
+            weighted.get("majority_sign_method", "total"), keep_masks=case.dare_masks,
         )  # fmt: skip
         out.update({f"weighted/{k}": v for k, v in tensors.items()})
         out["weighted/r"] = np.asarray(combined.r, dtype=np.int64)

@@ -21,8 +21,17 @@ from reflora.checkpoint import read_json
 from reflora.config import ConfigError, GPT2Config, LoraConfig
 from reflora.lora_init import INIT_KINDS
 from reflora.model import adapter_trainable_keys, trainable_keys
-from reflora.targets import ADAPTER_PREFIX, adapter_shapes, base_shapes, dropout_plan, plan_lora
-from reflora.weighted import COMBINATION_TYPES, MAJORITY_SIGN_METHODS, PRUNED_TYPES, combined_config, combined_rank
+from reflora.scaling import runtime_multiplier
+from reflora.targets import ADAPTER_PREFIX, TOKENS_MODULE, adapter_shapes, base_shapes, dropout_plan, plan_lora
+from reflora.weighted import (
+    COMBINATION_TYPES,
+    DARE_TYPES,
+    MAJORITY_SIGN_METHODS,
+    PRUNED_TYPES,
+    combined_config,
+    combined_rank,
+    dare_mask_shapes,
+)
 
 FORMAT = "reflora-golden/1"  # the format tag of every fixture's __metadata__ and of the manifest
 
@@ -59,6 +68,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "weighted": None,
     "dora_full_gradient": False,
     "zero_norm_rows": [],  # DoRA rows of zero norm: [{"module", "row"}], that row of W and of B zeroed (draw_case)
+    "scale_ops": [],  # runtime scaling of the one adapter: [["set_scale", "default", c] | ["scale_layer", c] | ...]
 }
 ADAPTER_INITS = ("test", "peft")
 FULL_GRADIENT_PREFIX = "grad_dora_full/"  # dora_full_gradient: the exact gradient, DoRA's norm not detached
@@ -133,6 +143,7 @@ def load_spec(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         raise ConfigError("spec.train_base=false with spec.lora=null leaves nothing to differentiate")
     _fill_advanced(spec, config)
     _check_zero_norm_rows(spec, config)
+    _check_scale_ops(spec)
     return spec
 
 
@@ -158,6 +169,35 @@ def _check_zero_norm_rows(spec: dict[str, Any], config: GPT2Config) -> None:
         out = plan[entry["module"]].out_features
         if isinstance(entry["row"], bool) or not isinstance(entry["row"], int) or not 0 <= entry["row"] < out:
             raise ConfigError(f"spec.zero_norm_rows[{i}].row must be an integer in [0, {out}), got {entry['row']!r}")
+
+
+def _check_scale_ops(spec: dict[str, Any]) -> None:
+    """``spec.scale_ops``: a list of PEFT runtime-scaling calls (``reflora.scaling``), each ``["set_scale",
+    "default", c]`` (another adapter name is refused: PEFT would ignore it), ``["scale_layer", c]`` or ``["unscale_layer", c]`` / ``["unscale_layer", null]``, applied
+    in order to every LoRA layer after the adapter is built; needs ``lora`` and one adapter (no ``adapters``,
+    no ``adapter_names``)."""
+    ops = spec["scale_ops"]
+    if not isinstance(ops, list) or not all(isinstance(op, list) and op for op in ops):
+        raise ConfigError(f"spec.scale_ops must be a list of [op, args...] lists, got {ops!r}")
+    if not ops:
+        return
+    if spec["lora"] is None or spec["adapters"] or spec["adapter_names"] is not None:
+        raise ConfigError("spec.scale_ops needs spec.lora and one adapter (no spec.adapters, no spec.adapter_names)")
+    if spec["merge"] or spec["weighted"] is not None:
+        raise ConfigError("spec.scale_ops applies to the forward only: not with spec.merge or spec.weighted")
+    for op in ops:
+        if op[0] == "set_scale" and len(op) == 3 and op[1] != DEFAULT_ADAPTER:
+            raise ConfigError(f"spec.scale_ops: {op!r} names adapter {op[1]!r}; the spec's one adapter is "
+                              f"{DEFAULT_ADAPTER!r} (PEFT ignores a set_scale for an adapter the layer does not hold)")  # fmt: skip
+    try:
+        runtime_multiplier(ops)
+    except ConfigError as exc:
+        raise ConfigError(f"spec.scale_ops: {exc}") from None
+
+
+def scale_multiplier(spec: Mapping[str, Any]) -> float:
+    """The runtime multiplier m of the spec's adapter after ``spec.scale_ops`` (1 without)."""
+    return runtime_multiplier(spec.get("scale_ops") or [])
 
 
 def _fill_advanced(spec: dict[str, Any], config: GPT2Config) -> None:
@@ -249,7 +289,20 @@ def _fill_advanced(spec: dict[str, Any], config: GPT2Config) -> None:
         peft = _peft_dicts(spec)
         if any(peft[n]["use_dora"] for n in sources):
             raise ConfigError("spec.weighted.adapters: a DoRA adapter cannot be combined (docs/advanced-semantics.md)")
+        tokens = [n for n in sources if peft[n].get("trainable_token_indices") is not None]
+        if tokens:
+            raise ConfigError(f"spec.weighted.adapters: {tokens} have lora.trainable_token_indices, whose new rows "
+                              "cannot be combined (docs/advanced-semantics.md)")  # fmt: skip
+        slices = {n: _reflora_dicts(spec)[n].get("qkv_slices") for n in sources}
+        if len({repr(v) for v in slices.values()}) > 1:
+            raise ConfigError(f"spec.weighted.adapters have different reflora_lora.qkv_slices {slices}; their "
+                              "branches cannot be combined")  # fmt: skip
         spec["weighted"] = weighted
+    saving = [n for n, e in _peft_dicts(spec).items() if e.get("modules_to_save") is not None]
+    if saving and (spec["adapters"] or names is not None or spec["merge"] or spec["weighted"] is not None):
+        where = "spec.lora" if DEFAULT_ADAPTER in saving else f"spec.adapters.{saving[0]}.lora"
+        raise ConfigError(f"{where}.modules_to_save is supported with one adapter and the forward/backward only: "
+                          "not with spec.adapters, spec.adapter_names, spec.merge or spec.weighted")  # fmt: skip
 
     if not isinstance(spec["dora_full_gradient"], bool):
         raise ConfigError(f"spec.dora_full_gradient must be true or false, got {spec['dora_full_gradient']!r}")
@@ -262,6 +315,13 @@ def _peft_dicts(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if spec["lora"] is None:
         return {}
     return {DEFAULT_ADAPTER: spec["lora"], **{n: e["lora"] for n, e in spec["adapters"].items()}}
+
+
+def _reflora_dicts(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The reflora-only part of every adapter of a spec, by name (as ``_peft_dicts``)."""
+    if spec["lora"] is None:
+        return {}
+    return {DEFAULT_ADAPTER: spec["reflora_lora"], **{n: e["reflora_lora"] for n, e in spec["adapters"].items()}}
 
 
 def _fill_lora(lora: Any, reflora_lora: Any, config: GPT2Config) -> tuple[dict | None, dict]:
@@ -343,12 +403,13 @@ def _peft_init_rewrites_base(spec: Mapping[str, Any]) -> bool:
 
 
 def merged_keys(spec: Mapping[str, Any]) -> list[str]:
-    """The base keys a merge changes, in base order: every targeted weight, and the biases under ``lora_bias``."""
+    """The base keys a merge changes, in base order: every targeted weight (wte's for trainable tokens), and the
+    biases under ``lora_bias``."""
     config, _ = spec_configs(spec)
     changed: set[str] = set()
     for lora in adapter_configs(spec).values():
         for name in plan_lora(config, lora):
-            changed.add(f"{name}.weight")
+            changed.add("transformer.wte.weight" if name == TOKENS_MODULE else f"{name}.weight")
             if lora.lora_bias:
                 changed.add(f"{name}.bias")
     return [k for k in base_shapes(config) if k in changed]
@@ -363,6 +424,21 @@ def weighted_config(spec: Mapping[str, Any]) -> LoraConfig | None:
     loras = adapter_configs(spec)
     sources = [loras[n] for n in weighted["adapters"]]
     return combined_config(sources, config, combined_rank(weighted["combination_type"], sources, weighted["svd_rank"]))
+
+
+DARE_MASK_PREFIX = "dare_mask/"  # DARE's keep-masks: dare_mask/<mask key>/<source index> (drawn inputs)
+
+
+def dare_mask_layout(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Fixture name -> shape of every DARE keep-mask a spec's ``weighted`` needs (``dare_*`` with density < 1
+    and two or more sources; ``reflora.weighted.dare_mask_shapes`` order), else {}."""
+    weighted = spec["weighted"]
+    if weighted is None or weighted["combination_type"] not in DARE_TYPES or weighted["density"] >= 1:
+        return {}
+    config, _ = spec_configs(spec)
+    loras = adapter_configs(spec)
+    shapes = dare_mask_shapes(config, [loras[n] for n in weighted["adapters"]], weighted["combination_type"])
+    return {f"{DARE_MASK_PREFIX}{key}/{i}": shape for key, group in shapes.items() for i, shape in enumerate(group)}
 
 
 def dropout_masks_drawn(spec: Mapping[str, Any], lora: LoraConfig | None) -> bool:
@@ -435,6 +511,7 @@ def fixture_layout(spec: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], 
         layout["weighted/r"] = ((), "int64")
         layout["weighted/lora_alpha"] = ((), "float64")
         layout["weighted/logits"] = ((b, t, v), f)
+        layout.update({name: (shape, f) for name, shape in dare_mask_layout(spec).items()})
     return layout
 
 
@@ -503,6 +580,9 @@ def _check_pruning(weighted: dict[str, Any], pruning: Mapping[str, Any]) -> None
     density = pruning.get("density")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not math.isfinite(density) or density < 0:
         raise ConfigError(f"spec.weighted.density: combination_type {kind!r} needs a number >= 0, got {density!r}")
+    if kind in DARE_TYPES and density == 0:
+        raise ConfigError(f"spec.weighted.density: combination_type {kind!r} needs density > 0 (DARE rescales by "
+                          "1/density)")  # fmt: skip
     method = pruning.get("majority_sign_method", "total")
     if method not in MAJORITY_SIGN_METHODS:
         choices = list(MAJORITY_SIGN_METHODS)

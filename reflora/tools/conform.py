@@ -4,6 +4,7 @@
     reflora conform --candidate mypkg.driver:driver       # a driver you wrote, no change to reflora needed
     reflora conform --candidate peft --report-json r.json --junitxml junit.xml
     reflora conform --candidate peft --replay '<spec json>' --dump case.safetensors   # one case alone
+    reflora conform --candidate-cmd 'node my_layer.js --case {case} --out {out}'     # a layer in any language
 
 It runs pytest on the installed ``conformance`` package with its plugin (conformance/plugin.py); it installs
 nothing (``--isolated`` asks ``conformance.envs`` for the candidate's own virtual environment, which may install
@@ -81,10 +82,14 @@ def register(subparsers) -> None:
     )
     # the adapter-file level (conformance.files; reflora.tools.conform_files): docs/conformance.md
     p.add_argument("--candidate-cmd", metavar="TEMPLATE", help="check a program in any language on adapter files: "
-                   "a command with {base} {adapter} {input} {out} (docs/conformance.md, Command candidates)")  # fmt: skip
+                   "a command with {base} {adapter} {input} {out}; or on the layer level: a command with {case} "
+                   "{out} (docs/conformance.md, Command candidates)")  # fmt: skip
     p.add_argument("--cmd-merge", action="store_true", help="with --candidate-cmd: it also returns merged results")
+    p.add_argument("--cmd-capabilities", metavar="PATH", help="with a layer-level --candidate-cmd ({case}): a JSON "
+                   "object of the capabilities it declares (default: both layouts, forward/backward, merge, unmerge)")  # fmt: skip
     p.add_argument("--consumer", metavar="NAME", help="check a shipped adapter-file consumer "
-                   "(transformers_load_adapter, peft_from_pretrained) on the file.* features")  # fmt: skip
+                   "(conformance.consumers.SHIPPED: transformers_load_adapter, peft_from_pretrained, mlx_lm_fuse, "
+                   "...) on the file.* features; with --isolated, in its own venv (conformance.envs.CONSUMERS)")  # fmt: skip
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
     p.set_defaults(func=run)
 
@@ -167,6 +172,20 @@ def _state_isolation_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.candidate_cmd:
+        from conformance.consumers.command_layer import template_level
+
+        try:
+            level = template_level(args.candidate_cmd)
+        except ValueError as exc:
+            print(f"reflora conform: {exc}", file=sys.stderr)
+            return 2
+        if level == "layer":
+            return run_layer_command(args)
+    if getattr(args, "cmd_capabilities", None):
+        print("reflora conform: --cmd-capabilities goes with a layer-level --candidate-cmd (one with {case})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.candidate_cmd or args.consumer:
         from reflora.tools.conform_files import run_files
 
@@ -212,6 +231,58 @@ def run(args: argparse.Namespace) -> int:
             os.environ.pop(SCRATCH_VARIABLE, None)
     # pytest says 4 for a usage error (an unknown --candidate, a bad deviations file); the CLI's is 2
     return 2 if code == int(pytest.ExitCode.USAGE_ERROR) else code
+
+
+CALL_MARGIN = 30.0  # the suite's call timeout exceeds the command's, so the command's own timeout kills it first
+
+
+def run_layer_command(args: argparse.Namespace) -> int:
+    """``--candidate-cmd`` with ``{case}``: the suite's layer features against the command
+    (conformance.consumers.command_layer), passed to the suite's worker processes in the environment."""
+    from conformance.consumers.command_layer import (
+        CAPABILITIES_VARIABLE,
+        LAYER_CANDIDATE,
+        TEMPLATE_VARIABLE,
+        TIMEOUT_VARIABLE,
+        CommandLayerDriver,
+        load_capabilities,
+    )
+
+    conflict = next((flag for flag, given in (("--candidate", args.candidate), ("--consumer", args.consumer),
+                                              ("--cmd-merge", args.cmd_merge), ("--isolated", args.isolated))
+                     if given), None)  # fmt: skip
+    if conflict:
+        hint = {"--cmd-merge": ' (the layer level declares "merge" in --cmd-capabilities)'}.get(conflict, "")
+        print(f"reflora conform: {conflict} does not go with a layer-level --candidate-cmd{hint}", file=sys.stderr)
+        return 2
+    try:
+        caps = load_capabilities(args.cmd_capabilities) if args.cmd_capabilities else None
+        CommandLayerDriver(args.candidate_cmd, caps, args.timeout)
+    except ValueError as exc:
+        print(f"reflora conform: {exc}", file=sys.stderr)
+        return 2
+    env = {TEMPLATE_VARIABLE: args.candidate_cmd, TIMEOUT_VARIABLE: repr(args.timeout),
+           CAPABILITIES_VARIABLE: str(Path(args.cmd_capabilities).resolve()) if args.cmd_capabilities else None}  # fmt: skip
+    saved = _set_environment(env)
+    layer_args = argparse.Namespace(**{**vars(args), "candidate": LAYER_CANDIDATE, "candidate_cmd": None,
+                                       "cmd_capabilities": None, "timeout": args.timeout + CALL_MARGIN})  # fmt: skip
+    try:
+        return run(layer_args)
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (or, for None, remove) environment variables; their previous values."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return saved
 
 
 def replay(args: argparse.Namespace) -> int:

@@ -143,7 +143,9 @@ from conformance.protocol import (  # noqa: F401  (the names a driver uses; dele
     COMBINED,
     AdaptersCase,
     Capabilities,
+    LayerAdaptersCase,
     LayerCase,
+    LayerInitCase,
     ModelCase,
     NotSupported,
     targeted_keys,
@@ -225,6 +227,13 @@ class $class_name:
         # trainable_token_indices (model.embedding.trainable_tokens): chosen wte rows train, stored as
         # token_adapter.trainable_tokens_delta (K, n_embd), the new rows themselves; the tied head uses them too
         trainable_tokens=False,
+        # modules_to_save (model.modules_to_save.*): a trainable copy replaces each module whose name ends with an
+        # entry, file key base_model.model.<module>.weight. TRAP: a copy of wte feeds the lookup only (the head
+        # keeps W); a copy of lm_head feeds the head only; a saved module gets no LoRA
+        modules_to_save=False,
+        # ensure_weight_tying with 'lm_head' in modules_to_save (model.modules_to_save.tied): one copy of wte for
+        # the lookup and the head, saved twice (transformer.wte.weight and lm_head.weight)
+        ensure_weight_tying=False,
         # explicit position_ids (model.position_ids.with_mask / .without_mask). TRAP (transformers-based
         # libraries): see model_forward_backward below: use_cache changes what the no-mask feature sees.
         position_ids=False,
@@ -256,6 +265,19 @@ class $class_name:
         layer_dora=False,
         # layer level (layer.dora_full_norm.*): the same with case.dora_norm == "full" (norm not detached)
         layer_dora_full_norm=False,
+        # layer level (layer.dora_merge.*, layer.dora_unmerge.*): layer_merge with case.magnitude set: the merged
+        # weight is m * V / ||V||_row, V = W + s·BA
+        layer_dora_merge=False,
+        # layer level (layer.init.<law>.*): layer_init(case) with the library's own init, subset of the law
+        # names of conformance.init_laws.LAWS (e.g. "kaiming_uniform", "gaussian", "peft_false", "he_uniform")
+        layer_init_methods=frozenset(),
+        # layer level (layer.adapters.*): layer_adapters(case): several named adapters on one layer
+        layer_multi_adapter=False,
+        # layer level (layer.adapters.mixed_batch.*): layer_adapters with case.adapter_names, one per batch row
+        layer_mixed_batch=False,
+        # layer level (layer.merge_qkv_slices.*, layer.unmerge_qkv_slices.*): layer_merge with per-slice q/k/v
+        # branches (case.lora_A keyed "q"/"k"/"v"): each slice's delta lands in its own third of the output rows
+        merge_qkv_slices=False,
         # init_adapter(case): the library's own inits, subset of {"true", "gaussian", "false", "pissa", "olora",
         # "orthogonal", "pissa_niter"}
         init_methods=frozenset(),
@@ -294,6 +316,21 @@ class $class_name:
         """[merge] Merge s·BA into the weight, run forward, unmerge. Return {"merged_weight" (in the case's
         layout), "merged_y" (B, T, out), "unmerged_weight"} ("unmerged_weight" only with unmerge=True)."""
         raise NotSupported("TODO: layer_merge")
+
+    def layer_init(self, case: LayerInitCase) -> dict[str, np.ndarray]:
+        """[layer_init_methods] Build one LoRA layer on case.weight / case.bias with the library's own init for
+        the law case.init (conformance.init_laws; seed the library's RNG with case.seed), DoRA if
+        case.use_dora. Copy nothing into A or B. Return {"lora_A" (r, in), "lora_B" (out, r), "y" (B, T, out):
+        eval forward of case.x at init, "weight": the base weight after the init (case layout), "magnitude"
+        (out,) with DoRA}."""
+        raise NotSupported("TODO: layer_init")
+
+    def layer_adapters(self, case: LayerAdaptersCase) -> dict:
+        """[layer_multi_adapter] Build one layer with every adapter of case.adapters (dict order; {"lora_A",
+        "lora_B", "r", "lora_alpha", "use_rslora"} each, A and B copied in), activate case.active (in order; []
+        = disabled) or, [layer_mixed_batch], use case.adapter_names (one per batch row, "__base__" = none);
+        forward, backward from case.dy. Return {"y", "dx", "grads": {"<name>.lora_A", "<name>.lora_B"}}."""
+        raise NotSupported("TODO: layer_adapters")
 
     # ------------------------------------------------------------------ model level (GPT-2, HF names)
 

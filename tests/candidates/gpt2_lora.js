@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // A GPT-2 + LoRA adapter-file consumer in plain JavaScript (Node >= 18, no packages): the example command
 // candidate of docs/conformance.md ("Command candidates"). Written by hand for reflora's tests from the HF GPT-2
-// and PEFT file formats; it reads safetensors itself.
+// and PEFT file formats; it reads safetensors itself (safetensors.js).
 //
 //   node gpt2_lora.js --base DIR --adapter DIR --input FILE --out FILE [--no-scaling]
 //
@@ -12,6 +12,7 @@
 "use strict";
 const fs = require("fs");
 const path = require("path");
+const { readSafetensors, writeSafetensors } = require("./safetensors");
 
 function args() {
   const a = {}; const v = process.argv.slice(2);
@@ -19,47 +20,6 @@ function args() {
     if (v[i] === "--no-scaling") a.noScaling = true; else a[v[i].slice(2)] = v[++i];
   }
   return a;
-}
-
-function f16(h) { // IEEE half -> double
-  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-  if (e === 0) return s * m * 2 ** -24;
-  if (e === 31) return m ? NaN : s * Infinity;
-  return s * (1 + m / 1024) * 2 ** (e - 15);
-}
-
-function readSafetensors(file) { // {name: {shape, data: Float64Array | BigInt64Array}}
-  const buf = fs.readFileSync(file);
-  const n = Number(buf.readBigUInt64LE(0));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8"));
-  const out = {}; const base = 8 + n;
-  for (const [name, t] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
-    const [b, e] = t.data_offsets; const raw = buf.subarray(base + b, base + e);
-    const count = t.shape.reduce((x, y) => x * y, 1); let data;
-    if (t.dtype === "F64") { data = new Float64Array(count); for (let i = 0; i < count; i++) data[i] = raw.readDoubleLE(8 * i); }
-    else if (t.dtype === "F32") { data = new Float64Array(count); for (let i = 0; i < count; i++) data[i] = raw.readFloatLE(4 * i); }
-    else if (t.dtype === "F16") { data = new Float64Array(count); for (let i = 0; i < count; i++) data[i] = f16(raw.readUInt16LE(2 * i)); }
-    else if (t.dtype === "BF16") { data = new Float64Array(count); const b4 = Buffer.alloc(4); for (let i = 0; i < count; i++) { b4.writeUInt32LE(raw.readUInt16LE(2 * i) << 16 >>> 0, 0); data[i] = b4.readFloatLE(0); } }
-    else if (t.dtype === "I64") { data = new Float64Array(count); for (let i = 0; i < count; i++) data[i] = Number(raw.readBigInt64LE(8 * i)); }
-    else throw new Error(`${file}: ${name} has dtype ${t.dtype}, not supported`);
-    out[name] = { shape: t.shape, data };
-  }
-  return out;
-}
-
-function writeSafetensors(file, tensors) { // {name: {shape, data}} as F64
-  const header = {}; let offset = 0;
-  for (const [name, t] of Object.entries(tensors)) {
-    header[name] = { dtype: "F64", shape: t.shape, data_offsets: [offset, offset + 8 * t.data.length] };
-    offset += 8 * t.data.length;
-  }
-  let json = JSON.stringify(header); while ((8 + json.length) % 8) json += " ";
-  const buf = Buffer.alloc(8 + json.length + offset);
-  buf.writeBigUInt64LE(BigInt(json.length), 0); buf.write(json, 8, "utf8");
-  let p = 8 + json.length;
-  for (const t of Object.values(tensors)) for (const x of t.data) { buf.writeDoubleLE(x, p); p += 8; }
-  fs.writeFileSync(file, buf);
 }
 
 function patternValue(pattern, module, fallback) { // PEFT: a key matches a module name it ends with (or equals)

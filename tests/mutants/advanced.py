@@ -9,9 +9,10 @@ import math
 import numpy as np
 
 from conformance.drivers.reference import ReferenceDriver
+from conformance.expectations import module_deltas
 from reflora.model import gpt2_forward, gpt2_loss_and_grads
 from reflora.targets import plan_lora
-from reflora.weighted import add_weighted_adapter
+from reflora.weighted import DARE_TYPES, FACTOR_TYPES, add_weighted_adapter
 
 
 class AdvancedMutant(ReferenceDriver):
@@ -171,6 +172,46 @@ class PissaNiterKeepsBase(AdvancedMutant):
         return out
 
 
+class DareWithoutRescale(AdvancedMutant):
+    BUG = "DARE drops the masked entries but does not rescale the kept ones by 1/density"
+    MUST_FAIL = frozenset({"model.weighted.dare_linear", "model.weighted.dare_ties", "model.weighted.dare_linear_svd",
+                           "model.weighted.dare_ties_svd"})  # fmt: skip
+    MUST_PASS = frozenset({"model.weighted.ties", "model.weighted.magnitude_prune_svd"})
+
+    def weighted_adapter(self, case):
+        c = case.combination
+        if c["combination_type"] not in DARE_TYPES or not case.keep_masks:
+            return super().weighted_adapter(case)
+        lora, tensors = add_weighted_adapter(case.config, case.adapters, **_combination(case), density=c["density"],
+                                             majority_sign_method=c["majority_sign_method"],
+                                             keep_masks=case.keep_masks)  # fmt: skip
+        # without the 1/density, every pruned task tensor is density times smaller: both factors (dare_linear,
+        # dare_ties: the disjoint mean is linear in a positive scale) or the ΔW_i (the _svd forms)
+        both = c["combination_type"] in FACTOR_TYPES
+        d = c["density"]
+        tensors = {k: v * d if ".lora_B." in k or (both and ".lora_A." in k) else v for k, v in tensors.items()}
+        out = module_deltas(case.config, lora, tensors)
+        out.pop("bias_deltas")
+        out["logits"] = gpt2_forward(case.params, case.config, case.input_ids, adapter=tensors, lora=lora)[0]
+        return out
+
+
+class MergeIgnoresTrainableTokens(AdvancedMutant):
+    BUG = "the model-level merge leaves wte's trainable-token rows as they were (only the LoRA deltas merged)"
+    MUST_FAIL = frozenset({"model.merge.trainable_tokens", "model.merge.trainable_tokens_mixed"})
+    MUST_PASS = frozenset({"model.merge.lora", "model.adapters.trainable_tokens"})
+
+    def model_merge(self, case):
+        right = super().model_merge(case)
+        if case.safe or not any(lora.trainable_token_indices for lora, _ in case.adapters.values()):
+            return right
+        merged = dict(right["merged"])
+        merged["transformer.wte.weight"] = case.params["transformer.wte.weight"]
+        params = {**case.params, **{k: v for k, v in merged.items() if k in case.params}}
+        logits = gpt2_forward(params, case.config, case.input_ids)[0]
+        return {**right, "merged": merged, "merged_logits": logits}
+
+
 ADVANCED_MUTANTS = [DoraNormNotDetached, DoraMagnitudeColumnNorms, ModelMergeWithoutScaling, DisableKeepsAdapters,
                     MixedBatchShifted, CatScalingTwice, GaussianStdRootR, PruningIgnoresDensity,
-                    OrthogonalFullRank, PissaNiterKeepsBase]  # fmt: skip
+                    OrthogonalFullRank, PissaNiterKeepsBase, DareWithoutRescale, MergeIgnoresTrainableTokens]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Layer-level mutants for the square merge, DoRA and lora_bias features (issue 15.1): the reference driver with one bug each.
+"""Layer-level mutants for the square merge, DoRA, lora_bias, DoRA merge, init-law and several-adapter features
+(issue 15.1): the reference driver with one bug each.
 
 Each class says what it breaks (``BUG``), which features the suite must fail (``MUST_FAIL``) and which it must
 still pass (``MUST_PASS``), as in tests/mutants/catalog.py.
@@ -12,6 +13,7 @@ import numpy as np
 
 from conformance import expectations
 from conformance.drivers.reference import ReferenceDriver
+from reflora.merge import dora_delta_weight
 
 
 def _square_conv1d(case) -> bool:
@@ -120,5 +122,80 @@ class LoraBiasUnscaled(_AdaptedMutant):
         return out
 
 
+class DoraMergeWithoutNorm(_AdaptedMutant):
+    """Merges a DoRA layer as W' = m ⊙ V instead of m ⊙ V/‖V‖_row (the norm division forgotten); unmerging
+    subtracts the same delta, so W comes back."""
+
+    BUG = "DoRA merge: the weight is not divided by its row norm ‖W + sBA‖"
+    MUST_FAIL = frozenset({"layer.dora_merge.linear", "layer.dora_merge.conv1d"})
+    MUST_PASS = frozenset({"layer.dora_unmerge.linear", "layer.dora_unmerge.conv1d", "layer.dora_init.linear",
+                           "layer.adapters.active.conv1d"})  # fmt: skip
+
+    def layer_merge(self, case):
+        if case.magnitude is None:
+            return super().layer_merge(case)
+        dtype = self._dtype(case)
+        weight, bias = expectations.cast(case.weight, dtype), expectations.cast(case.bias, dtype)
+        ((_, branch),) = expectations.layer_branches(case, dtype)
+        ones = np.ones(case.magnitude.shape, dtype=weight.dtype)  # "norm" 1: the factor is m itself
+        delta = dora_delta_weight(weight, branch, expectations.cast(case.magnitude, dtype), case.layout, norm=ones)
+        merged = weight + delta
+        x = expectations.cast(case.x, dtype)
+        merged_y = x @ merged if case.layout == "conv1d" else x @ merged.T
+        if bias is not None:
+            merged_y = merged_y + bias
+        return {"merged_weight": merged, "merged_y": merged_y, "unmerged_weight": merged - delta}
+
+
+class InitWrongBound(_AdaptedMutant):
+    """kaiming_uniform with the bound 1/in instead of 1/√in (A ~ U(±1/in)); B = 0 and y = base still hold, so
+    only the KS test of A can show it."""
+
+    BUG = "init law kaiming_uniform: A ~ U(±1/in), not U(±1/√in)"
+    MUST_FAIL = frozenset({"layer.init.kaiming_uniform.linear", "layer.init.kaiming_uniform.conv1d"})
+    MUST_PASS = frozenset({"layer.init.gaussian.linear", "layer.init.gaussian.conv1d", "layer.init.peft_false.linear",
+                           "layer.dora_init.conv1d"})  # fmt: skip
+
+    def layer_init(self, case):
+        out = super().layer_init(case)
+        if case.init == "kaiming_uniform":
+            out["lora_A"] = out["lora_A"] / np.sqrt(case.x.shape[-1])
+        return out
+
+
+class InitGaussianStd(_AdaptedMutant):
+    """'gaussian' with std 1/√r instead of 1/r (A ~ N(0, 1/r)); B = 0 and y = base still hold."""
+
+    BUG = "init law gaussian: A ~ N(0, 1/r), not N(0, 1/r²)"
+    MUST_FAIL = frozenset({"layer.init.gaussian.linear", "layer.init.gaussian.conv1d"})
+    MUST_PASS = frozenset({"layer.init.kaiming_uniform.linear", "layer.init.kaiming_uniform.conv1d",
+                           "layer.init.peft_false.conv1d"})  # fmt: skip
+
+    def layer_init(self, case):
+        out = super().layer_init(case)
+        if case.init == "gaussian":
+            out["lora_A"] = out["lora_A"] * np.sqrt(case.r)
+        return out
+
+
+class AdaptersSecondUnscaled(_AdaptedMutant):
+    """Sums several active adapters, but the second one (in the active order) is added at scaling 1."""
+
+    BUG = "several adapters: the second active adapter's scaling is dropped (s = 1)"
+    MUST_FAIL = frozenset({"layer.adapters.active.linear", "layer.adapters.active.conv1d"})
+    MUST_PASS = frozenset({"layer.adapters.disabled.linear", "layer.adapters.disabled.conv1d",
+                           "layer.adapters.mixed_batch.linear", "layer.adapters.mixed_batch.conv1d"})  # fmt: skip
+
+    def layer_adapters(self, case):
+        if case.active and len(case.active) >= 2:
+            second = case.active[1]
+            a = case.adapters[second]
+            one = float(np.sqrt(a["r"])) if a["use_rslora"] else float(a["r"])  # alpha/√r or alpha/r = 1
+            case = dataclasses.replace(case, adapters={**case.adapters, second: {**a, "lora_alpha": one}})
+        return super().layer_adapters(case)
+
+
 LAYER_MUTANTS = [MergeTransposedOnSquareConv1d, UnmergeTransposedOnSquareConv1d]
 ADAPTED_MUTANTS = [DoraNormNotDetached, DoraNormAlwaysDetached, LoraBiasUnscaled]
+# issue 15.1, the layer protocol's new features (tests/test_layer_advanced.py runs them with NEW_15)
+LAYER_15_MUTANTS = [DoraMergeWithoutNorm, InitWrongBound, InitGaussianStd, AdaptersSecondUnscaled]

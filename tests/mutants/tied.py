@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from conformance.drivers.reference import ReferenceDriver
-from reflora.targets import EMBEDDING_MODULE, plan_lora
+from reflora.targets import EMBEDDING_MODULE, HEAD_MODULE, SAVED_SUFFIX, plan_lora
 
 WTE_B = "base_model.model.transformer.wte.lora_embedding_B"
 
@@ -51,3 +51,39 @@ class TokensHeadUntied(ReferenceDriver):
         logits[..., idx] += shift.reshape(*logits.shape[:-1], len(idx))  # the head's columns of the new rows use W
         out["logits"] = logits.astype(np.asarray(out["logits"]).dtype)
         return out
+
+
+class WteCopyTiesHead(ReferenceDriver):
+    """modules_to_save=["wte"] read as tied: the head uses wte's trainable copy too (PEFT keeps it on the frozen W;
+    only 'lm_head' + ensure_weight_tying ties)."""
+
+    name = "wte_copy_ties_head"
+    MUST_FAIL = ("model.modules_to_save.wte",)
+
+    def model_forward_backward(self, case):
+        lora = case.lora
+        if lora.modules_to_save is None or HEAD_MODULE + SAVED_SUFFIX in plan_lora(case.config, lora):
+            return super().model_forward_backward(case)
+        if EMBEDDING_MODULE + SAVED_SUFFIX not in plan_lora(case.config, lora):
+            return super().model_forward_backward(case)
+        tied = dataclasses.replace(lora, modules_to_save=(*lora.modules_to_save, "lm_head"), ensure_weight_tying=True)
+        return super().model_forward_backward(dataclasses.replace(case, lora=tied))
+
+
+class HeadCopyIgnored(ReferenceDriver):
+    """modules_to_save=["lm_head"] trains a copy of the head that the forward never uses (the head keeps W)."""
+
+    name = "head_copy_ignored"
+    MUST_FAIL = ("model.modules_to_save.lm_head",)
+
+    def model_forward_backward(self, case):
+        import numpy as np
+
+        out = super().model_forward_backward(case)
+        key = "base_model.model.lm_head.weight"
+        if key not in case.adapter:
+            return out
+        plain = dataclasses.replace(case, adapter={**case.adapter, key: case.params["transformer.wte.weight"]})
+        wrong = super().model_forward_backward(plain)  # the head computes with W
+        wrong["grads"][key] = np.zeros_like(np.asarray(out["grads"][key]))  # unused: no gradient
+        return wrong
