@@ -35,7 +35,7 @@ from conformance.compare import compare_ks, compare_set, compare_tensors, normal
 from conformance.expectations import ADVANCED_EXPECTATIONS, cast_tree
 from conformance.features import FEATURES, UNMERGE_VARIANTS
 from conformance.init_laws import Entries, law
-from conformance.protocol import AdaptersCase, CandidateError, LayerInitCase
+from conformance.protocol import AdaptersCase, CandidateError, Capabilities, LayerInitCase
 from conformance.tolerance import (
     MAX_FLOAT32_BOUND,
     PLAIN_SAMPLES,
@@ -115,14 +115,16 @@ def replay_command(candidate: str, spec: dict[str, Any]) -> str:
     return f"reflora conform --candidate {candidate} --replay '{spec_json(spec)}' --dump case.safetensors"
 
 
-def run_check(spec: dict[str, Any], call: Call) -> CheckResult:
+def run_check(spec: dict[str, Any], call: Call, capabilities: Capabilities | None = None) -> CheckResult:
+    """``capabilities``: the driver's declared ones, where a check depends on them (a merge-only driver,
+    ``unmerge=False``, is not asked for ``model_merge``'s "unmerged"); None: the protocol's defaults."""
     feature = FEATURES[spec["feature"]]
     result = CheckResult(spec)
     try:
         if feature.level == "layer":
             _check_layer(result, feature.method, call)
         elif feature.level == "advanced":  # merge, DoRA, inits, several adapters, weighted combinations
-            check_advanced(result, call)
+            check_advanced(result, call, capabilities)
         elif feature.method == "save_adapter":
             _check_adapter_save(result, call)
         elif feature.method == "load_adapter_logits":
@@ -392,8 +394,9 @@ def _check_adapter_switch(result: CheckResult, call: Call) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_advanced(result: CheckResult, call: Call) -> None:
-    """Fill ``result`` for an advanced feature's spec (docs/advanced-semantics.md)."""
+def check_advanced(result: CheckResult, call: Call, capabilities: Capabilities | None = None) -> None:
+    """Fill ``result`` for an advanced feature's spec (docs/advanced-semantics.md). A merge-only driver
+    (``capabilities.unmerge`` False) may leave out ``model_merge``'s "unmerged": the unmerge is then not compared."""
     feature = FEATURES[result.spec["feature"]]
     case = build_advanced_case(result.spec)
     if feature.method == "merge_and_unload":
@@ -422,6 +425,11 @@ def check_advanced(result: CheckResult, call: Call) -> None:
         size = 4 * case.config.n_embd
     copies = [case] + [perturbed(case, i, size) for i in range(1, PLAINS[feature.method])]
     plains = [cast_tree(function(c, "float32"), "float64") for c in copies]
+    if feature.method == "model_merge" and capabilities is not None and not capabilities.unmerge:
+        # merge-only (fuse without unfuse): logits before, merged logits and merged weights are still compared
+        expected.pop("unmerged", None)
+        for plain in plains:
+            plain.pop("unmerged", None)
     result.expected = expected
     actual = result.actual = call(feature.method, result.spec)
     if not isinstance(actual, dict):

@@ -49,7 +49,7 @@ def _sampler(feature, caps, runner, needed, failures, candidate):
     def sample(data):
         spec = draw(data, feature, caps)
         try:
-            result = run_check(spec, runner.call)
+            result = run_check(spec, runner.call, caps)
         except IllConditioned:
             reject()
         for c in result.comparisons:

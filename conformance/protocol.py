@@ -88,7 +88,9 @@ class Capabilities:
     position_ids: bool = False
     padding: bool = False  # attention_mask with padding
     merge: bool = False  # layer level: merge W + s·BA (layer_merge's merged_weight, merged_y)
-    unmerge: bool = True  # with merge: unmerge restores W (unmerged_weight); False for merge-only libraries
+    # with merge: unmerge restores W (layer_merge's unmerged_weight; model_merge's "unmerged"); False for merge-only
+    # libraries, at both levels: layer_merge returns merged_weight / merged_y only, model_merge may omit "unmerged"
+    unmerge: bool = True
     # opt-in (issue 15): layer_merge with case.qkv_slices, each slice's s·B A in its own output rows (the
     # layer.merge_qkv_slices / layer.unmerge_qkv_slices features); a driver declaring merge and per_slice_qkv only
     # is not asked for it
@@ -364,7 +366,8 @@ class Driver(Protocol):
     def model_merge(self, case: AdaptersCase) -> dict[str, Any]:
         """[model_merge] With every adapter active, ``"logits"`` (unmerged, eval), then merge them all into the
         base: ``"merged_logits"`` and ``"merged"`` (HF key -> weight or bias of every targeted module, in HF's
-        Conv1D layout; ``targeted_keys(case)``); then unmerge: ``"unmerged"`` (same keys). With ``case.safe`` the
+        Conv1D layout; ``targeted_keys(case)``); then unmerge: ``"unmerged"`` (same keys; a merge-only library,
+        ``Capabilities.unmerge=False``, may omit it, and the unmerge is then not checked). With ``case.safe`` the
         merge is a safe merge of an adapter holding a NaN or an infinity: return ``{"refused": bool, "after": {HF
         key -> weight or bias of every targeted module after the attempt}}``."""
         ...

@@ -607,6 +607,15 @@ def draw_advanced_spec(data, feature: Feature) -> dict[str, Any]:
             adapters["p"] = _adapter_lora(data, "p")
         names = list(adapters)
         spec["active"] = data.draw(st.permutations(names), label="active order") if v.startswith("adapters") else names
+    elif v == "adapters_trainable_tokens_mixed":
+        # a mixed batch (adapter_names) with a trainable_token_indices adapter t and a plain LoRA adapter p: every
+        # batch has a row of each (rows of p keep wte's own rows; PEFT 0.21.2 raises KeyError there, D13)
+        ids = data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=4, unique=True), label="token indices")
+        adapters["t"] = _adapter_lora(data, "t", trainable_token_indices=ids)
+        adapters["p"] = _adapter_lora(data, "p")
+        spec["batch"] = 4
+        rest = data.draw(st.lists(st.sampled_from(["t", "p", BASE_ADAPTER]), min_size=2, max_size=2), label="rows")
+        spec["adapter_names"] = data.draw(st.permutations(["t", "p", *rest]), label="row order")
     elif v == "merge_dora_zero_row":  # merge a DoRA adapter with a zero-norm row (PEFT #2049): cases.zero_norm_row
         adapters["d"] = _adapter_lora(data, "d", use_dora=True)
         spec["active"] = ["d"]

@@ -160,7 +160,7 @@ class Suite:
         the test not supported where there is nothing to redraw (``redraw_refused=False``: a golden fixture)."""
         self.isolate(record.feature)
         try:
-            result = run_check(spec, self.runner.call)
+            result = run_check(spec, self.runner.call, self.capabilities)
         except NotSupported as exc:  # the driver refused this case at run time
             if not redraw_refused:
                 pytest.skip(f"{NOT_SUPPORTED}the driver says: {exc}")

@@ -147,11 +147,13 @@ def gpt2_forward(
         attention_mask = xp.ones((batch, seq_len), dtype=xp.int64)
     wte_cache, wte_lora_caches = None, []
     params, saved = _saved_copies(params, slots)  # modules_to_save: the copies replace their modules
-    wte, tokens_slot = _trainable_tokens_weight(params["transformer.wte.weight"], slots)  # W' (V, C): lookup and head
-    lookup_w = wte if tokens_slot is not None else saved["lookup_w"]  # the lookup's (V, C)
-    head_w = wte if tokens_slot is not None else saved["head_w"]  # the tied head's (V, C)
+    groups = _trainable_tokens_groups(params["transformer.wte.weight"], slots, rows)  # [(W'_g, R_g, slot_g)]
+    head_w = saved["head_w"]  # the tied head's (V, C) without trainable tokens
     if inputs_embeds is None:
-        tokens, wte_cache = embedding_forward(input_ids, lookup_w)  # (B, T, C)
+        if groups:  # Σ_g R_g ⊙ W'_g[ids]: each sample looks up its own W'
+            tokens, wte_cache = _grouped_lookup(input_ids, groups, batch, seq_len)  # (B, T, C)
+        else:
+            tokens, wte_cache = embedding_forward(input_ids, saved["lookup_w"])  # (B, T, C)
         tokens, wte_lora_caches = _wte_lora_forward(tokens, input_ids, slots, rows, batch, seq_len)
     else:
         tokens = inputs_embeds
@@ -177,12 +179,16 @@ def gpt2_forward(
             (ln1_cache, c_attn_cache, att_cache, c_proj_cache, ln2_cache, fc_cache, gelu_cache, mlp_proj_cache)
         )
     hf, lnf_cache = layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"], eps)
-    logits = xp.reshape(xp.matmul(hf, xp.matrix_transpose(head_w)), (batch, seq_len, -1))
+    if groups:  # Σ_g R_g ⊙ h_f W'_gᵀ: each sample's tied head is its own W'
+        logits2 = sum(_masked(xp.matmul(hf, xp.matrix_transpose(w)), r) for w, r, _ in groups)
+    else:
+        logits2 = xp.matmul(hf, xp.matrix_transpose(head_w))
+    logits = xp.reshape(logits2, (batch, seq_len, -1))
     cache = {
         "config": config, "params": params, "slots": slots, "dora_norm_gradient": dora_norm_gradient,
         "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache, "wte": head_w,
         "saved": saved,
-        "tokens_slot": tokens_slot, "shape": (batch, seq_len),
+        "tokens_groups": groups, "shape": (batch, seq_len),
         "layers": layers, "hf": hf, "lnf_cache": lnf_cache,
     }  # fmt: skip
     return logits, cache
@@ -233,17 +239,24 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
         grads.update(module_grads)
         return dh  # None when nothing below this op is wanted
 
-    # tied head: logits = h_f W'ᵀ (W' = wte, or wte with the trainable token rows replaced)
+    # tied head: logits = h_f W'ᵀ, or Σ_g R_g ⊙ h_f W'_gᵀ with trainable tokens (W'_g: _trainable_tokens_groups)
     dlogits2 = xp.reshape(dlogits, (n, config.vocab_size))  # (N, V)
-    tokens_key = _tokens_key(cache["tokens_slot"])
-    head_wanted = head_key in wanted or tokens_key in wanted
-    lookup_wanted = lookup_key in wanted or tokens_key in wanted
-    if head_wanted:
+    groups = cache["tokens_groups"]
+    tokens_wanted = any(_tokens_key(slot) in wanted for _, _, slot in groups)
+    head_wanted = head_key in wanted or tokens_wanted
+    lookup_wanted = lookup_key in wanted or tokens_wanted
+    d_groups = []  # dW'_g (V, C) per group: head, then lookup; split into wte and the new rows at the end
+    if groups and (head_wanted or lookup_wanted):
+        d_groups = [xp.matmul(xp.matrix_transpose(_masked(dlogits2, r)), cache["hf"]) for _, r, _ in groups]
+    elif head_wanted:
         grads[head_key] = xp.matmul(xp.matrix_transpose(dlogits2), cache["hf"])  # (V, C)
     ln_f_position = _OPS_PER_BLOCK * config.n_layer  # ln_f sits above every block
     if lowest > ln_f_position:  # nothing below the head is wanted
         return finish()
-    dhf = xp.matmul(dlogits2, cache["wte"])  # (N, C)
+    if groups:
+        dhf = sum(xp.matmul(_masked(dlogits2, r), w) for w, r, _ in groups)  # (N, C)
+    else:
+        dhf = xp.matmul(dlogits2, cache["wte"])  # (N, C)
     dx = norm_backward(dhf, cache["lnf_cache"], "transformer.ln_f")
     if lowest == ln_f_position:
         return finish()
@@ -288,17 +301,25 @@ def gpt2_backward(dlogits: Array, cache: dict[str, Any], wrt: Iterable[str]) -> 
             shared = cache["wpe_cache"][0].shape[0] != batch  # (1, T) positions are shared: sum the rows first
             dpos = xp.sum(dembeds, axis=0, keepdims=True) if shared else dembeds
             grads["transformer.wpe.weight"] = embedding_backward(dpos, cache["wpe_cache"])
-        if lookup_wanted and cache["wte_cache"] is not None:
+        if lookup_wanted and cache["wte_cache"] is not None and groups:
+            grouped = xp.reshape(dembeds, (n, c))
+            for g, (_, r, _) in enumerate(groups):
+                d_lookup = embedding_backward(xp.reshape(_masked(grouped, r), (batch, seq_len, c)), cache["wte_cache"])
+                d_groups[g] = d_groups[g] + d_lookup
+        elif lookup_wanted and cache["wte_cache"] is not None:
             d_lookup = embedding_backward(dembeds, cache["wte_cache"])  # (V, C)
             grads[lookup_key] = grads[lookup_key] + d_lookup if lookup_key in grads else d_lookup
         elif lookup_key in wanted:
             raise InputError(f"the gradient of {lookup_key} needs input_ids, not inputs_embeds")
-    if tokens_key is not None and head_wanted:  # dW' split: the replaced rows go to the new rows, the rest to W
-        module = cache["tokens_slot"].plan[TOKENS_MODULE]
-        index = xp.asarray(module.token_indices)
-        d_wte = grads["transformer.wte.weight"]
-        grads[tokens_key] = xp.take(d_wte, index, axis=0)  # (K, C)
-        d_wte[index, :] = 0  # W's replaced rows reach neither the lookup nor the head
+    # dW'_g split: group g's replaced rows go to its new rows (its tokens key), the rest to W (summed over g)
+    for d_g, (_, _, slot) in zip(d_groups, groups, strict=True):
+        if slot is not None:
+            index = xp.asarray(slot.plan[TOKENS_MODULE].token_indices)
+            grads[_tokens_key(slot)] = xp.take(d_g, index, axis=0)  # (K, C)
+            d_g[index, :] = 0  # W's replaced rows reach neither this group's lookup nor its head
+        grads["transformer.wte.weight"] = (
+            grads["transformer.wte.weight"] + d_g if "transformer.wte.weight" in grads else d_g
+        )
     return finish()
 
 
@@ -347,33 +368,56 @@ def adapter_trainable_keys(
 # ----------------------------------------------------------------------------------------------
 
 
-def _trainable_tokens_weight(wte: Array, slots) -> tuple[Array, Any]:
-    """PEFT ``trainable_token_indices``: W' (V, C) = wte with rows ``token_indices`` replaced by the adapter's
-    ``trainable_tokens_delta`` (K, C) (the new rows themselves), used by the lookup *and* the tied head; and the
-    slot that holds them (None: W' = wte). Several adapters active on every row: at most one of them may have
-    trainable tokens (PEFT 0.21's ``TrainableTokensWrapper.check_set_adapter`` raises "Only one adapter can be
-    set at a time" otherwise); the others' LoRA adds as usual, except LoRA on ``wte``, refused (PEFT's
-    ``add_adapter`` raises on LoRA over the TrainableTokensWrapper). A mixed batch (``adapter_names``) with
-    trainable tokens is refused."""
+def _trainable_tokens_groups(wte: Array, slots, rows: Mapping[str, Array]) -> list[tuple[Array, Any, Any]]:
+    """PEFT ``trainable_token_indices``: ``[(W'_g (V, C), R_g (N, 1) or None, slot_g or None)]``, the weights
+    that the lookup *and* the tied head use; ``[]`` when no adapter taking part has trainable tokens. W'_a = wte
+    with rows ``token_indices`` replaced by adapter a's ``trainable_tokens_delta`` (K, C) (the new rows
+    themselves). Active on every row: one group, R = None (every sample); at most one such adapter (PEFT 0.21's
+    ``TrainableTokensWrapper.check_set_adapter`` raises "Only one adapter can be set at a time" otherwise); the
+    others' LoRA adds as usual. A mixed batch (``adapter_names``): one group per adapter with trainable tokens,
+    R_a = its samples' rows, plus (wte, R_rest, None) for the other samples (plain adapters and ``"__base__"``:
+    wte's own rows), so each sample uses its own adapter's W' and Σ_g R_g = 1 (docs/advanced-semantics.md, D13:
+    PEFT 0.21.2 raises KeyError for a row that names an adapter without trainable tokens). LoRA on ``wte`` next
+    to trainable tokens is refused (PEFT's ``add_adapter`` raises on LoRA over the TrainableTokensWrapper)."""
     owners = [slot for slot in slots if TOKENS_MODULE in slot.plan]
     if not owners:
-        return wte, None
-    if any(slot.rows is not None for slot in owners):
-        raise InputError("trainable_token_indices in a mixed batch (adapter_names) is not supported")
-    if len(owners) > 1:
+        return []
+    mixed = any(slot.rows is not None for slot in owners)
+    if len(owners) > 1 and not mixed:
         raise InputError(f"{len(owners)} active adapters have trainable_token_indices; at most one may be active "
                          "(PEFT: 'Only one adapter can be set at a time')")  # fmt: skip
-    (slot,) = owners
     embedding = [other.name for other in slots if EMBEDDING_MODULE in other.plan]
     if embedding:
-        raise InputError(f"adapter {slot.name!r} has trainable_token_indices and adapter {embedding[0]!r} has LoRA on "
-                         f"{EMBEDDING_MODULE}; they cannot be active together (PEFT 0.21 refuses to build this: "
+        raise InputError(f"adapter {owners[0].name!r} has trainable_token_indices and adapter {embedding[0]!r} has "
+                         f"LoRA on {EMBEDDING_MODULE}; they cannot be active together (PEFT 0.21 refuses to build this: "
                          "'Target module TrainableTokensWrapper(...) is not supported')")  # fmt: skip
-    module = slot.plan[TOKENS_MODULE]
     xp = namespace(wte)
-    out = xp.asarray(wte, copy=True)
-    out[xp.asarray(module.token_indices), :] = slot.tensors[module.tokens_key]
-    return out, slot
+    groups = []
+    for slot in owners:
+        module = slot.plan[TOKENS_MODULE]
+        w = xp.asarray(wte, copy=True)
+        w[xp.asarray(module.token_indices), :] = slot.tensors[module.tokens_key]
+        groups.append((w, rows.get(slot.name), slot))
+    if mixed:
+        rest = 1 - sum(r for _, r, _ in groups)  # (N, 1): the samples of plain adapters and "__base__"
+        groups.append((wte, rest, None))
+    return groups
+
+
+def _masked(value: Array, row: Array | None) -> Array:
+    """R ⊙ value for value (N, ·) and R (N, 1) of 0/1; value itself when R is None (every sample)."""
+    return value if row is None else value * row
+
+
+def _grouped_lookup(input_ids: Array, groups, batch: int, seq_len: int) -> tuple[Array, tuple]:
+    """Σ_g R_g ⊙ W'_g[ids] (B, T, C) and the embedding cache (the same ids for every group)."""
+    total, cache = None, None
+    for w, r, _ in groups:
+        out, cache = embedding_forward(input_ids, w)  # (B, T, C)
+        if r is not None:
+            out = out * namespace(r).reshape(r, (batch, seq_len, 1))
+        total = out if total is None else total + out
+    return total, cache
 
 
 def _saved_copies(params: Mapping[str, Array], slots) -> tuple[Mapping[str, Array], dict[str, Any]]:

@@ -83,3 +83,42 @@ def test_documented_peft_deviation_safe_merge_leaves_the_model_half_merged():
         model.merge_adapter(safe_merge=True)
     assert block.attn.c_attn.merged  # c_attn (before c_fc) was merged and stays merged
     assert (block.attn.c_attn.base_layer.weight - before).abs().max().item() > 0.1
+
+
+def test_merge_only_driver_without_unmerged_is_checked_and_a_wrong_merged_weight_fails():
+    """Capabilities.unmerge=False at model level: model_merge may leave out "unmerged" (the unmerge is not compared,
+    everything else is), where a driver declaring unmerge (the default) must return it; a wrong merged weight fails."""
+    import dataclasses
+
+    from conformance.checks import run_check
+    from conformance.drivers.reference import ReferenceDriver
+    from conformance.loader import call_driver
+
+    class MergeOnly(ReferenceDriver):
+        capabilities = dataclasses.replace(ReferenceDriver.capabilities, unmerge=False)
+        shift = 0.0
+
+        def model_merge(self, case):
+            out = super().model_merge(case)
+            del out["unmerged"]
+            key = sorted(out["merged"])[0]
+            out["merged"][key] = out["merged"][key] + self.shift
+            return out
+
+    spec = {"feature": "model.merge.lora", "dtype": "float64", "seed": 1, "batch": 2, "seq_len": 3, "labels": True,
+            "gpt2": {"n_embd": 8, "n_head": 2, "n_layer": 2, "n_positions": 16, "vocab_size": 23},
+            "adapters": {"a0": {"r": 2, "lora_alpha": 4.0, "target_modules": ["c_attn", "c_fc"]}}, "active": ["a0"]}  # fmt: skip
+    driver = MergeOnly()
+
+    def call(method, spec, folder=None):
+        return call_driver(driver, method, spec, folder)
+
+    result = run_check(spec, call, driver.capabilities)
+    assert result.passed, [c for c in result.comparisons if not c.passed]
+    names = {c.name for c in result.comparisons}
+    assert "logits" in names and "merged_logits" in names and not any(n.startswith("unmerged/") for n in names)
+    assert any(n.startswith("merged/") for n in names)
+    assert not run_check(spec, call).passed  # unmerge declared (the default): "unmerged" is missing
+    driver.shift = 1e-6
+    wrong = run_check(spec, call, driver.capabilities)
+    assert not wrong.passed and all(c.name.startswith("merged/") for c in wrong.comparisons if not c.passed)

@@ -1046,6 +1046,47 @@ def test_mlx_model_dora_and_init_pass_in_float32(feature, dtype):
         assert all(c.passed or c.error < 1e-6 for c in result.comparisons), result.comparisons
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("feature", ["model.merge.lora", "model.merge.dora"])
+def test_mlx_model_merge_fuses_and_passes_without_unmerged(feature, dtype):
+    """model_merge: mlx_lm.fuse's fuse() on every LoRA / DoRA layer of mlx-lm's gpt2.Model, checked with the
+    driver's capabilities (unmerge=False: no "unmerged"): passes in float32; in float64 only the MLX kernels'
+    float32 accuracy shows in the logits (docs/findings.md, mlx), the fused weights match to 1e-12."""
+    driver_module("mlx_lm")
+    from conformance.checks import run_check
+    from conformance.drivers import mlx_lm
+    from conformance.loader import call_driver
+
+    lora = {"r": 3, "lora_alpha": 2.0, "target_modules": ["c_attn", "mlp.c_proj"], "use_dora": "dora" in feature}
+    spec = _advanced_spec(feature, dtype, adapters={"a": lora}, active=["a"], dropout=False, labels=True)
+    result = run_check(spec, lambda method, spec, folder=None: call_driver(mlx_lm, method, spec, folder),
+                       mlx_lm.capabilities)  # fmt: skip
+    assert result.error is None and "unmerged" not in result.actual
+    assert sorted(result.actual["merged"]) == sorted(result.expected["merged"])
+    if dtype == "float32":
+        assert result.passed, [c for c in result.comparisons if not c.passed]
+    else:
+        assert all(c.passed or c.error < 1e-6 for c in result.comparisons), result.comparisons
+        assert all(c.passed for c in result.comparisons if c.name.startswith("merged/")), result.comparisons
+
+
+def test_mlx_model_merge_refuses_two_adapters_and_safe_merge():
+    """One LoRA layer per Linear: two active adapters are refused; fuse() has no safe merge: case.safe refused."""
+    driver_module("mlx_lm")
+    from conformance.drivers import mlx_lm
+    from conformance.loader import call_driver
+
+    lora = {"r": 2, "lora_alpha": 4.0, "target_modules": ["c_attn"]}
+    two = _advanced_spec("model.merge.lora", "float32", adapters={"a": lora, "b": lora}, active=["a", "b"], labels=True)
+    with pytest.raises(NotSupported, match="2 adapters"):
+        call_driver(mlx_lm, "model_merge", two, None)
+    safe = _advanced_spec(
+        "model.merge.safe", "float32", adapters={"a0": lora}, active=["a0"], poison="nan", labels=True
+    )
+    with pytest.raises(NotSupported, match="safe merge"):
+        call_driver(mlx_lm, "model_merge", safe, None)
+
+
 def test_keras_float64_matmul_runs_in_float32():
     """Pinned (docs/findings.md, keras 5): on the torch backend keras.ops.matmul of two float64 tensors computes
     and returns float32 (result_type maps float64 to float32), so a float64 Dense is float32-accurate even without

@@ -50,6 +50,8 @@ REFUSED_EVERY_DRAW = {
     ("adapters_hub", "model.merge.safe"): "model_merge holds for merge_adapter; adapters has no safe merge, and one "
     "merged adapter per layer",
     ("adapters_hub", "model.merge.safe_untouched"): "as model.merge.safe",
+    ("mlx_lm", "model.merge.safe"): "model_merge holds for fuse(); mlx-lm has no safe merge",
+    ("mlx_lm", "model.merge.safe_untouched"): "as model.merge.safe",
     ("adapters_hub", "model.adapters.mixed_batch"): "mixed_batch holds for MultiTask on MLP targets without base rows; "
     "few draws are both (about 1 in 25), and the ci draws hold none",
 }

@@ -1,7 +1,8 @@
 """Trainable tokens (``trainable_token_indices``) with several adapters and in the merge
 (docs/advanced-semantics.md, "Several adapters"; PEFT 0.21.2's TrainableTokensLayer): finite differences of the
 reference in float64, transformers + PEFT autograd at 1e-10, the merge / unmerge / merge_and_unload against PEFT,
-the refusals both share, and PEFT's deviation D12 as a minimal reproduction."""
+the refusals both share, a mixed batch (``adapter_names``: each row its own W', finite differences, PEFT where it
+runs), and PEFT's deviations D12 and D13 as minimal reproductions."""
 
 from __future__ import annotations
 
@@ -83,12 +84,10 @@ def test_gradients_match_finite_differences():
     assert np.all(grads[WTE][list(module.token_indices)] == 0)  # replaced rows reach nothing
 
 
-def test_two_active_tokens_adapters_and_a_mixed_batch_are_refused():
+def test_two_active_tokens_adapters_are_refused():
     params, adapters = setup()
     with pytest.raises(InputError, match="at most one"):
         rf.gpt2_forward(params, TINY, IDS, adapters={n: adapters[n] for n in ("t", "u")})
-    with pytest.raises(InputError, match="mixed batch"):
-        rf.gpt2_forward(params, TINY, IDS, adapters=adapters, adapter_names=["t", "p"])
 
 
 def test_a_tokens_adapter_next_to_lora_on_wte_is_refused():
@@ -220,3 +219,106 @@ def test_documented_peft_deviation_d12_named_merge_with_a_plain_adapter():
     with pytest.raises(KeyError, match="p"):
         build_peft_adapters(TINY, params, chosen).merge_and_unload(adapter_names=["t", "p"])
     merge_adapters(params, TINY, chosen)  # reflora merges both
+
+
+# ---------------------------------------------------------------------------------------------- mixed batch
+
+MIXED_IDS = np.array([[1, 5, 2, 3], [2, 2, 7, 1], [1, 2, 5, 5], [5, 1, 1, 2]])
+MIXED_LABELS = np.array([[3, 1, 2, 5], [1, 2, 3, 4], [2, 5, 1, 0], [1, 1, 2, 3]])
+
+
+@pytest.mark.parametrize(
+    ("names", "rows"),
+    [(("t", "p"), ["t", "p", "__base__", "t"]), (("t", "u", "p"), ["u", "t", "p", "u"]), (("t", "p"), ["p"] * 4)],
+)
+def test_mixed_batch_each_row_is_its_adapter_alone_lookup_and_head(names, rows):
+    """A mixed batch with trainable tokens: sample b uses its adapter's W' (rows replaced) in the lookup and the
+    tied head; plain adapters and "__base__" keep wte's own rows."""
+    params, adapters = setup()
+    chosen = {n: adapters[n] for n in names}
+    logits = rf.gpt2_forward(params, TINY, MIXED_IDS, adapters=chosen, adapter_names=rows)[0]
+    for b, row in enumerate(rows):
+        active = [] if row == "__base__" else [row]
+        alone = rf.gpt2_forward(params, TINY, MIXED_IDS[b : b + 1], adapters=chosen, active=active)[0]
+        np.testing.assert_allclose(logits[b : b + 1], alone, rtol=0, atol=1e-14, err_msg=f"row {b} ({row})")
+
+
+def test_mixed_batch_gradients_match_finite_differences():
+    params, adapters = setup()
+    chosen = {n: adapters[n] for n in ("t", "u", "p")}
+    rows = ["t", "p", "u", "__base__"]
+    wrt = [*adapter_trainable_keys(TINY, chosen, ["t", "u", "p"]), WTE]
+    kwargs = dict(adapters=chosen, adapter_names=rows)
+    _, _, grads = rf.gpt2_loss_and_grads(params, TINY, MIXED_IDS, MIXED_LABELS, wrt=wrt, **kwargs)
+    rng = np.random.default_rng(2)
+    h = 1e-6
+    for key in wrt:
+        name, file_key = split_key(key)
+        value = params[key] if name is None else chosen[name][1][file_key]
+        for _ in range(4):
+            index = tuple(int(rng.integers(s)) for s in value.shape)
+
+            def loss_at(delta, value=value, index=index, name=name, file_key=file_key, key=key):
+                bumped = value.copy()
+                bumped[index] += delta
+                if name is None:
+                    return rf.gpt2_loss_and_grads({**params, key: bumped}, TINY, MIXED_IDS, MIXED_LABELS, wrt=[],
+                                                  **kwargs)[0]  # fmt: skip
+                changed = {**chosen, name: (chosen[name][0], {**chosen[name][1], file_key: bumped})}
+                return rf.gpt2_loss_and_grads(params, TINY, MIXED_IDS, MIXED_LABELS, wrt=[], adapters=changed,
+                                              adapter_names=rows)[0]  # fmt: skip
+
+            fd = (loss_at(h) - loss_at(-h)) / (2 * h)
+            assert abs(fd - grads[key][index]) <= 1e-7 * max(1.0, np.abs(grads[key]).max()), (key, index)
+    # wte's rows that t and u replace still reach the samples of the other groups: not zero in a mixed batch
+    assert np.abs(grads[WTE][[1, 2, 5]]).max() > 1e-6
+
+
+def test_mixed_batch_matches_peft_autograd_where_peft_runs():
+    """PEFT 0.21.2 honours adapter_names per row in the lookup and the tied head when every row names an adapter
+    with trainable tokens or "__base__" (TrainableTokensWrapper._mixed_batch_forward): gradients at 1e-10."""
+    pytest.importorskip("peft")
+    from conformance.drivers.peft_bridge import run_peft_adapters
+
+    params, adapters = setup()
+    chosen = {n: adapters[n] for n in ("t", "u", "p")}
+    rows = ["u", "__base__", "t", "u"]
+    acting = ["t", "u"]
+    wrt = [*adapter_trainable_keys(TINY, chosen, acting), WTE]
+    loss, logits, grads = rf.gpt2_loss_and_grads(
+        params, TINY, MIXED_IDS, MIXED_LABELS, wrt=wrt, adapters=chosen, adapter_names=rows
+    )
+    ref = run_peft_adapters(TINY, params, chosen, MIXED_IDS, adapter_names=rows, labels=MIXED_LABELS, wrt=wrt)
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=1e-10)
+    assert abs(float(loss) - float(ref["loss"])) <= 1e-10
+    for key in wrt:
+        np.testing.assert_allclose(grads[key], ref[f"grad/{key}"], rtol=0, atol=1e-10, err_msg=key)
+
+
+def test_documented_peft_deviation_d13_mixed_batch_row_of_a_plain_adapter():
+    """D13: with a trainable-tokens adapter in the model, a row that names a plain LoRA adapter makes PEFT 0.21.2
+    raise KeyError (TrainableTokensLayer.get_merged_weights reads token_indices[name]); reflora runs that row
+    with wte's own rows and the plain adapter's LoRA."""
+    peft = pytest.importorskip("peft")
+    if peft.__version__ != "0.21.2":
+        pytest.skip(f"deviation D13 is documented for PEFT 0.21.2, found {peft.__version__}")
+    import torch
+
+    from conformance.drivers.peft_bridge import build_peft_adapters
+
+    params, adapters = setup()
+    chosen = {n: adapters[n] for n in ("t", "p")}
+    model = build_peft_adapters(TINY, params, chosen).eval()
+    with pytest.raises(KeyError, match="'p'"), torch.no_grad():
+        model(input_ids=torch.from_numpy(MIXED_IDS), adapter_names=["t", "p", "__base__", "t"])
+    logits = rf.gpt2_forward(params, TINY, MIXED_IDS, adapters=chosen, adapter_names=["t", "p", "__base__", "t"])[0]
+    alone = rf.gpt2_forward(params, TINY, MIXED_IDS[1:2], adapters=chosen, active=["p"])[0]
+    np.testing.assert_allclose(logits[1:2], alone, rtol=0, atol=1e-14)
+
+
+def test_mixed_batch_with_lora_on_wte_next_to_trainable_tokens_is_refused():
+    params, adapters = setup()
+    embedding = rf.LoraConfig(r=2, lora_alpha=3, target_modules=["wte", "c_fc"])
+    adapters["e"] = (embedding, init_adapter(params, TINY, embedding, np.random.default_rng(3), init="test")[0])
+    with pytest.raises(InputError, match="adapter 't' has trainable_token_indices and adapter 'e' has LoRA"):
+        rf.gpt2_forward(params, TINY, IDS, adapters={n: adapters[n] for n in ("t", "e")}, adapter_names=["t", "e"])

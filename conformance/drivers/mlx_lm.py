@@ -17,7 +17,8 @@ Mapping (mlx_lm/tuner/lora.py, mlx_lm/tuner/utils.py, mlx_lm/models/gpt2.py):
   applied to the last ``num_layers`` blocks. Its GPT-2 takes neither an attention mask nor position ids.
   The loss is HF's shifted cross-entropy (ignore -100, mean), written here in MLX ops.
 * merge: ``LoRALinear.fuse()`` returns a new fused ``nn.Linear``; there is no unmerge (no unfuse in mlx_lm).
-  DoRA merge: ``DoRALinear.fuse()`` (``layer.dora_merge.linear``).
+  DoRA merge: ``DoRALinear.fuse()`` (``layer.dora_merge.linear``). Model level (``model_merge``): what mlx_lm.fuse
+  does, ``fuse()`` on every LoRA / DoRA layer and ``model.update_modules``; no "unmerged" (unmerge=False).
 * init (``layer_init``, ``init_adapter``): mlx-lm has one, ``LoRALinear.__init__``'s lora_a ~ U(±1/√in) from MLX's
   generator (``mx.random.seed(case.seed)``), lora_b = 0: the ``kaiming_uniform`` law, PEFT's ``init_lora_weights=True``;
   ``DoRALinear.set_linear`` sets m = ‖W‖ per row (in float32).
@@ -66,7 +67,8 @@ capabilities = Capabilities(
     layer_dora=True,  # DoRALinear (tuner/dora.py; its norm is stop_gradient-ed)
     layer_dora_merge=True,  # DoRALinear.fuse(): m ⊙ V/‖V‖ (no unfuse)
     layer_init_methods=frozenset({"kaiming_uniform"}),  # LoRALinear.__init__: lora_a ~ U(±1/√in), lora_b = 0
-    dora=True,  # model level: linear_to_lora_layers(..., use_dora=True) (model_adapters, init_adapter)
+    dora=True,  # model level: linear_to_lora_layers(..., use_dora=True) (model_adapters, init_adapter, model_merge)
+    model_merge=True,  # fuse() of every LoRA / DoRA layer (mlx_lm/fuse.py); no unfuse (unmerge=False)
     init_methods=frozenset({"true"}),  # LoRALinear.__init__: lora_a ~ U(±1/√in), lora_b = 0: PEFT's True law
     embedding_lora=True,  # LoRAEmbedding on wte (keys "model.wte"); mlx-lm's tied head uses its as_linear
     adapter_files=False,
@@ -96,9 +98,8 @@ capabilities = Capabilities(
         "tied head too)",
         "trainable_tokens": "mlx-lm has no trainable-token (selected embedding rows) fine-tuning",
         "adapter_switching": "one adapter per model (load_adapters replaces the layers); no switching",
-        "model_merge": "fuse() (mlx_lm/fuse.py, LoRALinear.fuse / DoRALinear.fuse) replaces LoRA layers by fused "
-        "Linear layers: no unfuse / unmerge, no safe merge, and one adapter per layer, so the merge is checked at layer "
-        "level (layer.merge.linear, layer.dora_merge.linear)",
+        "model_merge": "mapped: fuse() of every LoRA / DoRA layer, as mlx_lm/fuse.py does; no unfuse / unmerge "
+        '(unmerge=False: no "unmerged"), no safe merge, and one adapter per layer (two active adapters refused)',
         "merge_and_unload": "mlx_lm.fuse saves mlx-lm's own weight names and layout, not HF's GPT-2 checkpoint",
         "dora": "mapped: linear_to_lora_layers(model, num_layers, config, use_dora=True) (DoRALinear)",
         "init_methods": "one init, LoRALinear.__init__'s lora_a ~ U(±1/√in), lora_b = 0 (PEFT's True law); no "
@@ -528,6 +529,38 @@ def init_adapter(case: AdaptersCase) -> dict:
         params[f"{module_name}.weight"] = _np(layer.linear.weight).T  # HF Conv1D layout (in, out)
     logits = model(mx.array(np.asarray(case.input_ids, dtype=np.int32)))
     return {"adapter": adapter, "params": params, "logits": _np(logits)}
+
+
+def model_merge(case: AdaptersCase) -> dict:
+    """[model_merge; dora] mlx_lm.fuse's merge: GPT-2 with the one adapter (``linear_to_lora_layers``, DoRA with
+    ``use_dora``), ``"logits"`` (eval), then every layer that has ``fuse()`` replaced by its fused copy
+    (``model.update_modules``): ``"merged_logits"`` and ``"merged"`` (HF key -> the fused weight in HF's Conv1D
+    layout (in, out), wte (V, C) as it is, and the bias). No unfuse: no ``"unmerged"`` (unmerge=False). No safe
+    merge and one LoRA layer per Linear: ``case.safe`` and two active adapters are refused."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from conformance.protocol import targeted_keys
+
+    if case.safe:
+        raise NotSupported(f"{name}: fuse() has no safe merge (no check for non-finite adapters before merging)")
+    _, model_case = _one_adapter_case(case)
+    model_case = dataclasses.replace(model_case, dropout_masks=None)  # eval: the merge is checked without dropout
+    model, _, _ = _build_model(model_case, use_dora=model_case.lora.use_dora)
+    model.eval()
+    ids = mx.array(np.asarray(case.input_ids, dtype=np.int32))
+    logits = _np(model(ids))
+    fused = [(path, module.fuse()) for path, module in model.named_modules() if hasattr(module, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    mx.eval(model.parameters())
+    merged_logits = _np(model(ids))
+    weights = dict(tree_flatten(model.parameters()))
+    merged = {}
+    for key in targeted_keys(case):
+        value = _np(weights[key.replace("transformer.", "model.", 1)])
+        conv1d = key.endswith(".weight") and ".h." in key  # nn.Linear (out, in) -> HF Conv1D (in, out)
+        merged[key] = value.T if conv1d else value
+    return {"logits": logits, "merged_logits": merged_logits, "merged": merged}
 
 
 def save_adapter(case: ModelCase, folder: Path) -> None:

@@ -330,7 +330,7 @@ def replay(args: argparse.Namespace) -> int:
             print(f"{spec['feature']}: not supported: {reason}")
             return 3
         try:
-            result = run_check(spec, runner.call)
+            result = run_check(spec, runner.call, capabilities_from_json(runner.info["capabilities"]))
         except IllConditioned as exc:
             print(f"{spec['feature']}: this float32 case is ill-conditioned ({exc}); the suite never draws it")
             return 3
