@@ -186,7 +186,8 @@ def gpt2_forward(
     logits = xp.reshape(logits2, (batch, seq_len, -1))
     cache = {
         "config": config, "params": params, "slots": slots, "dora_norm_gradient": dora_norm_gradient,
-        "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache, "wte": head_w,
+        "wte_cache": wte_cache, "wte_lora_caches": wte_lora_caches, "wpe_cache": wpe_cache,
+        "wte": groups[0][0] if len(groups) == 1 and groups[0][1] is None else head_w,  # the head's W' for every row
         "saved": saved,
         "tokens_groups": groups, "shape": (batch, seq_len),
         "layers": layers, "hf": hf, "lnf_cache": lnf_cache,
