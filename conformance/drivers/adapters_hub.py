@@ -280,13 +280,11 @@ def dora_forward_backward(case: LayerCase, magnitude: np.ndarray | None = None) 
     return out
 
 
-def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """``merge_adapter`` / ``reset_adapter`` with DoRA: ``merged_weight``, ``merged_y``, ``unmerged_weight``."""
+def _merge_and_reset(case, layer) -> dict[str, np.ndarray]:
+    """``merge_adapter`` then ``reset_adapter`` on a built layer: ``merged_weight`` (the case's layout),
+    ``merged_y`` (B, T, out, eval), ``unmerged_weight``."""
     import torch
 
-    refuse_unsupported(case, capabilities, name)
-    layer, lora = _build_layer(case, dora=True)
-    _load_magnitude(case, lora, magnitude)
     layer.eval()
     layer.merge_adapter(ADAPTER)
     with torch.no_grad():
@@ -294,25 +292,27 @@ def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str
         merged_y = to_numpy(layer(to_torch(case.x, case.dtype)))
     layer.reset_adapter()
     return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": to_numpy(layer.weight)}
+
+
+def dora_merge(case: LayerCase, magnitude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``merge_adapter`` / ``reset_adapter`` with DoRA: ``merged_weight``, ``merged_y``, ``unmerged_weight``."""
+
+    refuse_unsupported(case, capabilities, name)
+    layer, lora = _build_layer(case, dora=True)
+    _load_magnitude(case, lora, magnitude)
+    return _merge_and_reset(case, layer)
 
 
 def layer_merge(case: LayerCase) -> dict[str, np.ndarray]:
     """``merge_adapter`` then ``reset_adapter``: ``merged_weight`` (the case's layout), ``merged_y`` (B, T, out),
     ``unmerged_weight``. With ``case.magnitude`` (layer.dora_merge.* / layer.dora_unmerge.*): the DoRA module's
     pair (``dora_merge``)."""
-    import torch
 
     refuse_unsupported(case, capabilities, name)
     if case.magnitude is not None:  # DoRA-merge draws hold no q/k/v slices
         return dora_merge(case, case.magnitude)
     layer, _ = _build_layer(case)
-    layer.eval()
-    layer.merge_adapter(ADAPTER)
-    with torch.no_grad():
-        merged_weight = to_numpy(layer.weight)
-        merged_y = to_numpy(layer(to_torch(case.x, case.dtype)))
-    layer.reset_adapter()
-    return {"merged_weight": merged_weight, "merged_y": merged_y, "unmerged_weight": to_numpy(layer.weight)}
+    return _merge_and_reset(case, layer)
 
 
 def _empty_layer(layout: str, weight: np.ndarray, bias: np.ndarray | None, dtype: str, adapters_config):

@@ -168,16 +168,23 @@ def _mask_dropout(mask: np.ndarray, p: float, dtype: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_layer(case: LayerCase):
+def _frozen_linear(case):
+    """The case's base layer as a frozen ``mlx.nn.Linear``: weight (out, in), bias (out,) if the case has one."""
     import mlx.nn as nn
-    from mlx_lm.tuner.lora import LoRALinear
 
     out_f, in_f = case.weight.shape
     linear = nn.Linear(in_f, out_f, bias=case.bias is not None)
     linear.weight = _mx(case.weight, case.dtype)  # (out, in)
     if case.bias is not None:
         linear.bias = _mx(case.bias, case.dtype)
-    linear.freeze()  # mlx-lm freezes the model before converting layers to LoRA
+    linear.freeze()
+    return linear
+
+
+def _build_layer(case: LayerCase):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    linear = _frozen_linear(case)  # mlx-lm freezes the model before converting layers to LoRA
     layer = LoRALinear.from_base(linear, r=case.r, dropout=case.lora_dropout, scale=scaling_of(case))
     layer.lora_a = _mx(case.lora_A[None].T, case.dtype)  # (in, r)
     layer.lora_b = _mx(case.lora_B[None].T, case.dtype)  # (r, out)
@@ -231,15 +238,9 @@ def layer_forward_backward(case: LayerCase) -> dict[str, np.ndarray]:
 def _build_dora_layer(case: LayerCase, magnitude: np.ndarray | None):
     """``DoRALinear.from_base`` on the case's layer; ``m`` (out,) as given, else mlx-lm's own initialisation
     (``set_linear``: the row norms of W, computed in float32)."""
-    import mlx.nn as nn
     from mlx_lm.tuner.dora import DoRALinear
 
-    out_f, in_f = case.weight.shape
-    linear = nn.Linear(in_f, out_f, bias=case.bias is not None)
-    linear.weight = _mx(case.weight, case.dtype)  # (out, in)
-    if case.bias is not None:
-        linear.bias = _mx(case.bias, case.dtype)
-    linear.freeze()
+    linear = _frozen_linear(case)
     layer = DoRALinear.from_base(linear, r=case.r, dropout=case.lora_dropout, scale=scaling_of(case))
     layer.lora_a = _mx(case.lora_A[None].T, case.dtype)  # (in, r)
     layer.lora_b = _mx(case.lora_B[None].T, case.dtype)  # (r, out)
@@ -290,7 +291,6 @@ def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
     (r, out) = 0; ``DoRALinear.set_linear`` sets m = ‖W‖ per output row (computed in float32). Returns
     ``lora_A`` (r, in), ``lora_B`` (out, r), ``y`` (eval forward at init), ``weight`` (out, in), ``magnitude``."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.lora import LoRALinear
 
@@ -300,12 +300,7 @@ def layer_init(case: LayerInitCase) -> dict[str, np.ndarray]:
         raise NotSupported(f"{name}: init law {case.init!r}: {capabilities.notes['layer_init_methods']}")
     if case.use_rslora:
         raise NotSupported(f"{name}: {capabilities.notes['rslora']}")
-    out_f, in_f = case.weight.shape
-    linear = nn.Linear(in_f, out_f, bias=case.bias is not None)
-    linear.weight = _mx(case.weight, case.dtype)  # (out, in)
-    if case.bias is not None:
-        linear.bias = _mx(case.bias, case.dtype)
-    linear.freeze()
+    linear = _frozen_linear(case)
     mx.random.seed(case.seed)
     kind = DoRALinear if case.use_dora else LoRALinear
     layer = kind.from_base(linear, r=case.r, dropout=0.0, scale=case.scaling)
